@@ -1,0 +1,34 @@
+# The two commands a user needs: `make quickstart` and `make test`. Both set up what is missing first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Without a GPU, DeepSpeed runs on its CPU accelerator (gloo backend).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifneq ($(HAS_GPU),1)
+export DS_ACCELERATOR ?= cpu
+endif
+export TOKENIZERS_PARALLELISM ?= false
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-slurm quickstart test test-fast lint
+setup:
+	@scripts/setup.sh
+
+setup-slurm:
+	@scripts/setup.sh --slurm
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Prepare the bundled TinyStories sample, train the tiny preset for a few steps, print a story.
+quickstart: setup
+	$(PY) launch/prepare_data.py --sample --out data/sample
+	$(PY) launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/sample --out runs/quickstart \
+		--max_steps 60 --seq_len 64 --eval_every 20
+	$(PY) launch/sample.py runs/quickstart --max_new_tokens 60
+
+test: setup-slurm
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

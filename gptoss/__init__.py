@@ -1,0 +1,1 @@
+"""gptoss: train a GPT-OSS-architecture language model from scratch with DeepSpeed."""

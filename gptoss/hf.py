@@ -1,0 +1,177 @@
+"""The one place that knows Hugging Face names: our state dicts and configs <-> transformers'
+`GptOssForCausalLM` (and `GPT2LMHeadModel` for the baseline).
+
+Our GPT-OSS keys equal HF's minus the `model.` prefix, except the experts: we keep one module per expert
+(`layers.N.mlp.deepspeed_moe.experts.deepspeed_experts.E.<name>`, DeepSpeed's layout, so ZeRO and
+expert checkpoints work) and HF stacks them (`model.layers.N.mlp.experts.<name>`, [E, ...]).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from gptoss.config import ModelConfig
+
+EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+# Ids of o200k_harmony's specials as in the released configs (see gpt-oss-architecture.md).
+BOS_ID, PAD_ID, EOS_ID, EOT_ID = 199998, 199999, 200002, 199999
+
+
+def expert_key(layer: int, expert: int, name: str) -> str:
+    return f"layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{expert}.{name}"
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full state dict (all experts present, global expert ids) -> HF GptOss state dict."""
+    if cfg.arch == "gpt2":
+        return to_hf_gpt2_state_dict(state_dict, cfg)
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = EXPERT_KEY.match(key)
+        if m:
+            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = value
+        elif key == "lm_head.weight":
+            out[key] = value
+        else:
+            out[f"model.{key}"] = value
+    E = cfg.num_local_experts
+    for (layer, name), per_expert in sorted(experts.items()):
+        missing = sorted(set(range(E)) - set(per_expert))
+        if missing:
+            raise KeyError(f"layer {layer} {name}: experts {missing} missing (have {len(per_expert)} of {E})")
+        out[f"model.layers.{layer}.mlp.experts.{name}"] = torch.stack([per_expert[e] for e in range(E)])
+    return out
+
+
+def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GptOss state dict -> ours (ep_size 1: every expert local, local id = global id)."""
+    if cfg.arch == "gpt2":
+        raise NotImplementedError("loading HF GPT-2 weights is not needed for the baseline")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        m = HF_EXPERT_KEY.match(key)
+        if m:
+            for e in range(value.shape[0]):
+                out[expert_key(int(m[1]), e, m[2])] = value[e]
+        elif key == "lm_head.weight":
+            out[key] = value
+        else:
+            out[key.removeprefix("model.")] = value
+    return out
+
+
+def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """config.json for transformers' GptOss, readable by 4.55 through 5.x.
+
+    RoPE is written both ways: legacy `rope_theta` + `rope_scaling` (4.55-4.57) and `rope_parameters`
+    (5.x, which would otherwise default a missing value to YaRN). With YaRN, max_position_embeddings
+    is factor * original so 4.55's recomputed factor stays the same.
+    """
+    if cfg.arch == "gpt2":
+        return hf_gpt2_config(cfg, torch_dtype)
+    scaling = dict(cfg.rope_scaling, truncate=False) if cfg.rope_scaling else None
+    max_pos = cfg.max_position_embeddings
+    if scaling:
+        max_pos = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
+    return _special_ids(cfg) | {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.num_local_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "experts_per_token": cfg.num_experts_per_tok,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types),
+        "max_position_embeddings": max_pos,
+        "initial_context_length": scaling["original_max_position_embeddings"] if scaling else max_pos,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope_parameters,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "swiglu_limit": cfg.swiglu_limit,
+        "swiglu_alpha": cfg.swiglu_alpha,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef,
+        "output_router_logits": False,
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": torch_dtype,
+    }
+
+
+def _special_ids(cfg: ModelConfig) -> dict[str, int | None]:
+    """The harmony special ids, or None for the small test vocabularies that do not contain them."""
+    has = cfg.vocab_size > max(BOS_ID, EOS_ID, PAD_ID, EOT_ID)
+    eos = EOS_ID if cfg.arch == "gpt_oss" else EOT_ID
+    return {"bos_token_id": BOS_ID if has else None, "eos_token_id": eos if has else None,
+            "pad_token_id": PAD_ID if has else None}
+
+
+def from_hf_config(d: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a GptOss config.json dict (inverse of `hf_config`)."""
+    scaling = d.get("rope_scaling") or d.get("rope_parameters")
+    if scaling and scaling.get("rope_type") != "yarn":
+        scaling = None
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=d["num_attention_heads"], num_key_value_heads=d["num_key_value_heads"],
+        head_dim=d["head_dim"], max_position_embeddings=d["max_position_embeddings"],
+        num_local_experts=d["num_local_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+        intermediate_size=d["intermediate_size"], sliding_window=d["sliding_window"],
+        rope_theta=d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 150000.0),
+        rope_scaling={k: v for k, v in scaling.items() if k != "rope_theta"} if scaling else None,
+        rms_norm_eps=d["rms_norm_eps"], swiglu_limit=d.get("swiglu_limit", 7.0),
+        layer_types=list(d["layer_types"]), router_aux_loss_coef=d.get("router_aux_loss_coef", 0.01),
+    )
+
+
+# ---- GPT-2 baseline -> GPT2LMHeadModel -----------------------------------------------------------
+
+def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 stores its projections as Conv1D ([in, out]); ours are Linear ([out, in])."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key == "lm_head.weight":
+            out[key] = value
+            continue
+        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", key) is not None
+        out[f"transformer.{key}"] = value.t().contiguous() if is_conv1d else value
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    return out
+
+
+def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    if cfg.q_dim != cfg.hidden_size:
+        raise ValueError(f"GPT2LMHeadModel needs heads * head_dim == hidden_size ({cfg.q_dim} != {cfg.hidden_size})")
+    return _special_ids(cfg) | {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.num_hidden_layers,
+        "n_head": cfg.num_attention_heads,
+        "n_positions": cfg.max_position_embeddings,
+        "n_inner": cfg.mlp_ratio * cfg.hidden_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+    }

@@ -1,0 +1,97 @@
+"""The GPT-2 baseline: LayerNorm, learned absolute positions, multi-head attention, GELU MLP, tied
+embeddings. Same width, depth, vocabulary and context as the GPT-OSS preset it is compared with.
+
+Names follow HF's GPT2LMHeadModel (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, ...) so export is a
+transpose of the Linear weights (HF stores them as Conv1D, [in, out]).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptoss.config import ModelConfig
+from gptoss.model.gptoss import ModelOutput
+from gptoss.model.loss import chunked_cross_entropy
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.q_dim)
+        self.c_proj = nn.Linear(cfg.q_dim, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.c_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.mlp_ratio * cfg.hidden_size)
+        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2's scheme: normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers), biases 0."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, (GPT2Attention, GPT2MLP)):
+                for linear in module.children():
+                    s = out_std if linear is module.c_proj else std
+                    nn.init.normal_(linear.weight, 0.0, s, generator=generator)
+                    nn.init.zeros_(linear.bias)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_: object) -> ModelOutput:
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
+        for block in self.h:
+            x = block(x)
+        x = self.ln_f(x)
+        zero = x.new_zeros((), dtype=torch.float32)
+        if targets is None:
+            return ModelOutput(logits=self.lm_head(x), aux_loss=zero)
+        return ModelOutput(loss=chunked_cross_entropy(x, self.lm_head.weight, targets), aux_loss=zero)

@@ -1,0 +1,103 @@
+"""The GPT-OSS transformer, bottom-up as in the spec:
+
+    x = embed(tokens)
+    for each block:  x = x + Attn(RMSNorm(x));  x = x + MoE(RMSNorm(x))
+    logits = lm_head(RMSNorm(x))            (untied unembedding)
+
+Parameter names follow Hugging Face's GptOss (without its `model.` prefix) so `hf.py` maps 1:1.
+Initialisation: normal(0, 0.02) for embeddings, projections, router and expert up-projections; the
+residual output projections (o_proj, expert down_proj) use 0.02 / sqrt(2 * layers) (GPT-2's scaling, so
+the residual stream does not grow with depth); biases 0, norm scales 1. Sinks start at 0: one extra
+key with score 0, so while attention scores are near 0 a query at position t gives it 1/(t + 2) of its
+mass, close to a plain softmax, and the sink is free to learn in either direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gptoss.config import ModelConfig
+from gptoss.model.attention import Attention, KVCache
+from gptoss.model.layers import RMSNorm, RotaryEmbedding
+from gptoss.model.loss import chunked_cross_entropy
+from gptoss.model.moe import MoEFeedForward, init_experts
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns. With targets, logits are not materialised (chunked loss)."""
+
+    loss: torch.Tensor | None = None  # mean cross-entropy (fp32)
+    aux_loss: torch.Tensor | None = None  # load-balancing loss, already times router_aux_loss_coef
+    logits: torch.Tensor | None = None  # (B, T, V) when no targets were given
+    expert_counts: torch.Tensor | None = None  # (layers, E) assignments per expert on this rank
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep_size: int) -> None:
+        super().__init__()
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                   cfg.head_dim, cfg.sliding_window if sliding else None)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoEFeedForward(cfg, ep_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOss(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        nn.init.normal_(self.embed_tokens.weight, 0.0, std, generator=generator)
+        nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
+        for block in self.layers:
+            attn = block.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.router):
+                nn.init.normal_(proj.weight, 0.0, out_std if proj is attn.o_proj else std, generator=generator)
+                nn.init.zeros_(proj.bias)
+            nn.init.zeros_(attn.sinks)
+            init_experts(block.mlp, std, out_std, generator)
+            nn.init.ones_(block.input_layernorm.weight)
+            nn.init.ones_(block.post_attention_layernorm.weight)
+        nn.init.ones_(self.norm.weight)
+
+    def new_caches(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
+        """One KV cache per layer: sliding layers hold W positions, full layers max_len."""
+        c = self.config
+        return [KVCache(batch, c.num_key_value_heads, c.head_dim,
+                        min(max_len, c.sliding_window) if block.self_attn.window else max_len,
+                        dtype=dtype, device=device) for block in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, start_pos: int = 0) -> ModelOutput:
+        T = input_ids.shape[1]
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, positions, caches[i] if caches is not None else None)
+        x = self.norm(x)
+        aux = torch.stack([b.mlp.last_aux_loss for b in self.layers]).mean() * self.config.router_aux_loss_coef
+        counts = torch.stack([b.mlp.last_counts for b in self.layers])
+        if targets is None:
+            return ModelOutput(logits=self.lm_head(x), aux_loss=aux, expert_counts=counts)
+        loss = chunked_cross_entropy(x, self.lm_head.weight, targets)
+        return ModelOutput(loss=loss, aux_loss=aux, expert_counts=counts)

@@ -1,0 +1,184 @@
+"""Mixture of Experts: top-k-then-softmax router, clamped SwiGLU experts, dropless expert parallelism.
+
+The layer subclasses DeepSpeed's `MoE` only so that the engine recognises it (`has_moe_layers`) and
+treats the expert parameters right under ZeRO-1/2 (expert-data-parallel groups, per-expert checkpoint
+files). DeepSpeed's own gate (GShard, capacity-based, token dropping, softmax before top-k) is not
+GPT-OSS semantics, so routing and dispatch are ours:
+
+    sort token->expert assignments by expert, exchange counts, all_to_all the tokens (split sizes),
+    run each local expert on its contiguous segment, send results back, combine with router weights.
+
+With ep_size = 1 the same code runs without communication. Rank r of an expert-parallel group holds
+global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group layout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from torch import nn
+
+from gptoss.config import ConfigError, ModelConfig
+from gptoss.model.layers import clamped_swiglu
+
+
+def validate_parallelism(cfg: ModelConfig, *, world_size: int, ep_size: int, zero_stage: int) -> None:
+    """Refuse, before anything starts, the layouts DeepSpeed's native MoE cannot run."""
+    if ep_size < 1:
+        raise ConfigError(f"--ep_size={ep_size}: must be >= 1")
+    if not cfg.is_moe:
+        if ep_size != 1:
+            raise ConfigError(f"--ep_size={ep_size}: the {cfg.arch} model has no experts; use --ep_size 1")
+        return
+    if zero_stage >= 3:
+        raise ConfigError(f"zero_optimization.stage={zero_stage}: DeepSpeed's MoE layers do not support ZeRO-3; "
+                          "use stage 1 or 2 (experts are sharded by --ep_size instead)")
+    if cfg.num_local_experts % ep_size:
+        raise ConfigError(f"--ep_size={ep_size} does not divide num_local_experts={cfg.num_local_experts}; "
+                          "choose an ep_size that divides the number of experts")
+    if world_size % ep_size:
+        raise ConfigError(f"--ep_size={ep_size} does not divide the world size {world_size}; "
+                          "choose an ep_size that divides the number of ranks")
+
+
+class Expert(nn.Module):
+    """One expert, in HF's [in, out] layout: gate/up fused and interleaved, then down, both with bias."""
+
+    def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+        self.gate_up_proj = nn.Parameter(torch.empty(hidden, 2 * intermediate))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(2 * intermediate))
+        self.down_proj = nn.Parameter(torch.empty(intermediate, hidden))
+        self.down_proj_bias = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(self.gate_up_proj_bias, x, self.gate_up_proj)
+        return torch.addmm(self.down_proj_bias, clamped_swiglu(h, self.alpha, self.limit), self.down_proj)
+
+
+class _Container(nn.Module):
+    """Plain holder that reproduces DeepSpeed's parameter path `deepspeed_moe.experts.deepspeed_experts`."""
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: object) -> torch.Tensor:
+    """Differentiable all_to_all with split sizes (gloo on CPU, NCCL on GPU)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+
+
+class MoEFeedForward(DeepSpeedMoE):
+    """GPT-OSS MoE block: router (Linear with bias) -> top-k -> softmax over the k -> experts -> sum."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
+        nn.Module.__init__(self)  # DeepSpeed's __init__ would build its own GShard gate and experts
+        E = cfg.num_local_experts
+        self.num_experts, self.top_k, self.ep_size = E, cfg.num_experts_per_tok, ep_size
+        self.num_local_experts = E // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.ep_group: object | None = None
+        self.ep_rank = dist.get_rank() % ep_size if ep_size > 1 else 0
+        self.router = nn.Linear(cfg.hidden_size, E, bias=True)
+        experts = nn.ModuleList(
+            Expert(cfg.hidden_size, cfg.intermediate_size, cfg.swiglu_alpha, cfg.swiglu_limit)
+            for _ in range(self.num_local_experts))
+        for p in experts.parameters():
+            p.allreduce = False  # DeepSpeed reduces these over the expert-data-parallel group instead
+            p.group_name = self.expert_group_name
+        self.deepspeed_moe = _Container()
+        self.deepspeed_moe.experts = _Container()
+        self.deepspeed_moe.experts.deepspeed_experts = experts
+        # Filled by forward for logging and the auxiliary loss.
+        self.last_counts: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def first_local_expert(self) -> int:
+        return self.ep_rank * self.num_local_experts
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the DeepSpeed engine: create (once) and take the expert-parallel group."""
+        from deepspeed.utils import groups
+
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E), chosen experts (N, k), their weights (N, k): top-k first, then softmax."""
+        logits = self.router(x)
+        top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1, sorted=True)
+        return logits, top_idx, torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        logits, top_idx, weights = self.route(x)
+        counts = torch.bincount(top_idx.flatten(), minlength=self.num_experts)  # (E,)
+        self.last_counts = counts.detach()
+        self.last_aux_loss = load_balancing_loss(logits, counts)
+
+        flat_expert = top_idx.flatten()
+        order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
+        sorted_x = x[order // self.top_k]  # (N*k, H)
+        if self.ep_size == 1:
+            sorted_y = self._run_local_experts(sorted_x, counts)
+        else:
+            sorted_y = self._exchange_and_run(sorted_x, counts)
+        y = torch.empty_like(sorted_y).index_copy_(0, order, sorted_y)  # back to (token, slot) order
+        y = (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
+        return y.view(shape)
+
+    def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""
+        pieces = x.split(counts.tolist())
+        return torch.cat([expert(piece) for expert, piece in zip(self.local_experts, pieces)])
+
+    def _exchange_and_run(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Send each row to the rank owning its expert, run the local experts, send the results back."""
+        ep, E_local = self.ep_size, self.num_local_experts
+        if self.ep_group is None:
+            raise RuntimeError("expert parallelism needs the DeepSpeed engine (set_deepspeed_parallelism)")
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # (ep * E_local,) from each source
+        send_splits = counts.view(ep, E_local).sum(1).tolist()
+        recv_splits = recv_counts.view(ep, E_local).sum(1).tolist()
+        recv_x = _all_to_all(sorted_x, recv_splits, send_splits, self.ep_group)  # grouped by (source, expert)
+        expert_of_row = torch.arange(ep * E_local, device=counts.device).remainder(E_local)
+        expert_of_row = expert_of_row.repeat_interleave(recv_counts)
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        y = self._run_local_experts(recv_x[by_expert], recv_counts.view(ep, E_local).sum(0))
+        y = torch.empty_like(y).index_copy_(0, by_expert, y)  # back to (source, expert) order
+        return _all_to_all(y, send_splits, recv_splits, self.ep_group)
+
+
+def load_balancing_loss(router_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch-style auxiliary loss as HF computes it: E * sum_e (assignments_e / N) * mean_prob_e.
+
+    Equals k when routing is uniform; its gradient flows through the router probabilities only.
+    """
+    N, E = router_logits.shape
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32).mean(0)
+    return E * torch.sum(counts.float() / N * probs)
+
+
+def init_experts(layer: MoEFeedForward, std: float, out_std: float, generator: torch.Generator | None = None
+                 ) -> None:
+    """Initialise expert weights so the result is the same for any ep_size: draw all E, keep ours."""
+    for p_name, s in (("gate_up_proj", std), ("down_proj", out_std)):
+        shape = getattr(layer.local_experts[0], p_name).shape
+        full = torch.empty(layer.num_experts, *shape).normal_(0.0, s, generator=generator)
+        for i, expert in enumerate(layer.local_experts):
+            getattr(expert, p_name).data.copy_(full[layer.first_local_expert + i])
+    for expert in layer.local_experts:
+        nn.init.zeros_(expert.gate_up_proj_bias)
+        nn.init.zeros_(expert.down_proj_bias)
+

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Creates .venv with everything gptoss needs. Safe to re-run: a ready environment returns in seconds.
+#   torch first (kept if already importable), then DeepSpeed without build isolation (with isolation pip
+#   pulls a multi-GB CUDA torch into its build environment), then gptoss in editable mode with test extras.
+# Options: --slurm also installs Debian's slurm-wlm and munge when missing (needs root; used by the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+stamp="$VENV/.gptoss-setup"
+want_slurm=0
+[[ "${1:-}" == "--slurm" ]] && want_slurm=1
+
+log() { printf '[setup] %s\n' "$*"; }
+pipq() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$stamp" ]]; then
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV with $($PYTHON --version)"
+    "$PYTHON" -m venv "$VENV"
+    pipq --upgrade pip setuptools wheel
+  fi
+  if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    log "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+  else
+    # TORCH_INDEX_URL lets a machine without a GPU pick the CPU wheels, e.g. PyTorch's /whl/cpu index.
+    log "installing $TORCH_SPEC"
+    pipq "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  fi
+  if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+    log "installing deepspeed (no build isolation)"
+    pipq --no-build-isolation deepspeed
+  fi
+  log "installing gptoss (editable) with test extras"
+  pipq --no-build-isolation -e ".[test]"
+  "$VENV/bin/python" -c "import torch, deepspeed, tiktoken, datasets, transformers" \
+    || { echo "[setup] error: the environment in $VENV is incomplete (see pip output above)" >&2; exit 1; }
+  touch "$stamp"
+fi
+
+if [[ $want_slurm == 1 ]] && ! command -v slurmctld >/dev/null 2>&1; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing slurm-wlm and munge (for the Slurm test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null \
+      || log "could not install Slurm; its test will be skipped"
+  else
+    log "Slurm not installed and not root: the Slurm test will be skipped"
+  fi
+fi
+log "ready: $("$VENV/bin/python" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null)"

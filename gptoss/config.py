@@ -84,7 +84,8 @@ class ModelConfig:
         need(self.sliding_window >= 1, "sliding_window", "must be >= 1 (keys seen, including itself)")
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         if self.rope_scaling is not None:
-            need(self.rope_scaling.get("rope_type") == "yarn", "rope_scaling", "only {'rope_type': 'yarn'} is supported")
+            need(self.rope_scaling.get("rope_type") == "yarn", "rope_scaling",
+                 "only {'rope_type': 'yarn'} is supported (or null for plain RoPE)")
             need(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling", "factor must be >= 1")
 
     # ---- derived -----------------------------------------------------------------------------

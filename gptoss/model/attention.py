@@ -21,6 +21,11 @@ from torch import nn
 from gptoss.model.layers import apply_rotary
 
 
+def _softmax_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Softmax in at least fp32 (bf16 scores would lose the small probabilities)."""
+    return torch.softmax(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,
                     window: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     """Reference attention. q_pos (Tq,), k_pos (Tk,) are absolute positions; k_pos < 0 marks empty slots."""
@@ -34,7 +39,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
         allowed &= rel < window  # W keys including itself
     scores = scores.masked_fill(~allowed, float("-inf"))
     sink = sinks.view(1, -1, 1, 1).to(scores.dtype).expand(*scores.shape[:-1], 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    probs = _softmax_fp32(torch.cat([scores, sink], dim=-1))[..., :-1]
     return torch.matmul(probs.to(v.dtype), v)
 
 
@@ -63,7 +68,7 @@ def banded_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scores = torch.einsum("bkgnqd,bkndc->bkgnqc", qb, kb) * scale  # (B, n_kv, g, nb, W, 2W)
     scores = scores.masked_fill(~_band_mask(nb, W, q.device), float("-inf"))
     sink = sinks.view(1, n_kv, g, 1, 1, 1).to(scores.dtype).expand(B, n_kv, g, nb, W, 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    probs = _softmax_fp32(torch.cat([scores, sink], dim=-1))[..., :-1]
     out = torch.einsum("bkgnqc,bkndc->bkgnqd", probs.to(v.dtype), vb)  # (B, n_kv, g, nb, W, d)
     return out.reshape(B, nh, nb * W, d)[:, :, :T]
 
@@ -116,9 +121,12 @@ def _flex_fn(compiled: bool):  # noqa: ANN202
 def flex_attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                               scale: float, window: int | None) -> torch.Tensor:
     """FlexAttention (compiled on GPU) with the sink folded in afterwards through the log-sum-exp."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
     block_mask = _flex_block_mask(q.shape[2], window, q.device)
-    out, lse = _flex_fn(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-                                   return_lse=True)
+    out, aux = _flex_fn(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale,
+                                   enable_gqa=k.shape[1] != q.shape[1], return_aux=AuxRequest(lse=True))
+    lse = aux.lse
     # softmax with the sink = plain softmax * sum / (sum + exp(sink)) = out * sigmoid(lse - sink)
     return out * torch.sigmoid(lse - sinks.view(1, -1, 1).float()).unsqueeze(-1).to(out.dtype)
 

@@ -86,7 +86,8 @@ class GPT2(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_: object) -> ModelOutput:
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
         x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
         for block in self.h:
             x = block(x)

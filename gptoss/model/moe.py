@@ -64,10 +64,9 @@ class _Container(nn.Module):
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: object) -> torch.Tensor:
     """Differentiable all_to_all with split sizes (gloo on CPU, NCCL on GPU)."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
-    out = x.new_empty(sum(out_splits), *x.shape[1:])
-    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
 class MoEFeedForward(DeepSpeedMoE):

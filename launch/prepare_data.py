@@ -1,0 +1,55 @@
+"""Tokenize a text corpus into train.bin / val.bin + meta.json for training (see gptoss.data).
+
+    python launch/prepare_data.py --sample --out data/sample          # the stories shipped with gptoss
+    python launch/prepare_data.py --out data/tinystories              # roneneldan/TinyStories from the hub
+    python launch/prepare_data.py --source 'stories/*.jsonl' --out data/mine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gptoss.data import DEFAULT_SOURCE, DataError, prepare_dataset
+from gptoss.tokenizer import TokenizerError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--sample", action="store_true", help="use the few TinyStories shipped with gptoss")
+    src.add_argument("--source", default=None,
+                     help=f"hub dataset name (default {DEFAULT_SOURCE}), a .txt (stories separated by "
+                     "<|endoftext|> lines), .jsonl/.json/.parquet file, a directory or a quoted glob")
+    p.add_argument("--out", default="data/tinystories", help="output directory (default: %(default)s)")
+    p.add_argument("--text_column", default="text", help="column holding the documents (default: %(default)s)")
+    p.add_argument("--num_proc", type=int, default=None,
+                   help="tokenizer processes (default: scales with the data, up to the CPU count)")
+    p.add_argument("--val_fraction", type=float, default=0.05,
+                   help="documents held out for validation when the source has no validation split "
+                   "(default: %(default)s; at least one document)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation holdout (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="re-prepare even if --out already holds finished data")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        meta = prepare_dataset(
+            args.source, args.out, sample=args.sample, text_column=args.text_column, num_proc=args.num_proc,
+            val_fraction=args.val_fraction, seed=args.seed, force=args.force,
+        )
+    except (DataError, TokenizerError) as e:
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        return 2
+    for split, info in meta["splits"].items():
+        print(f"{split:>5}: {info['tokens']:>14,} tokens  {info['documents']:>10,} documents  {info['file']}")
+    print(f"{meta['tokens_per_second']:,.0f} tokens/s  ->  {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The training driver in one process on CPU: a real DeepSpeed engine (ZeRO-2, fp32) on the tiny model.
+
+Runs go through `launch/train.py` in subprocesses (each owns its process group); the checks that stop
+before any process group exists call `gptoss.train.main` in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cpu_env, launch, read_metrics
+
+from gptoss.train import TrainArgs, main
+
+TRAIN = REPO / "launch" / "train.py"
+CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
+STEPS = 8
+
+
+def train_flags(data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return ["--ds_config", str(CPU_CONFIG), "--model", str(data / "model.json"), "--data", str(data),
+            "--out", str(out), "--max_steps", str(steps), "--seq_len", "32", "--eval_every", "4",
+            "--eval_batches", "2", "--save_every", "3", "--keep_last", "2", "--log_every", "1", *extra]
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory) -> Path:
+    """One 8-step run shared by several tests: eval at 4 and 8, saves at 3, 6 and 8, keeps the last 2."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    ok(launch(TRAIN, *train_flags(tiny_data, out)))
+    return out
+
+
+def test_loss_goes_down_and_metrics_have_the_fields(run):
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    for step, r in m.items():
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "expert_load",
+                    "mem_rss_gib", "skipped"):
+            assert key in r, key
+        assert r["tokens"] == step * 8 * 32  # global batch 8 x seq 32
+        assert r["mfu"] is None  # no GPU peak to compare with
+        assert not r["skipped"] and math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
+        assert len(r["expert_load"]) == 2 and all(len(layer) == 4 for layer in r["expert_load"])
+        assert all(sum(layer) == pytest.approx(1.0) for layer in r["expert_load"])
+        assert r["aux_loss"] == pytest.approx(0.01 * 2, rel=0.2)  # coef x top-k when roughly balanced
+    assert {s for s, r in m.items() if "val_loss" in r} == {4, 8}
+    assert m[8]["val_ppl"] == pytest.approx(math.exp(m[8]["val_loss"]))
+    assert m[8]["val_loss"] < m[4]["val_loss"]
+    assert m[STEPS]["loss"] < m[1]["loss"] - 0.3
+    # the LR warms up, then decays by the cosine towards cos_min_ratio x peak at the last step
+    lrs = [m[s]["lr"] for s in sorted(m)]
+    assert lrs[0] == pytest.approx(3e-4) and max(lrs) > 2e-3 and lrs[-1] == pytest.approx(3e-4)
+
+
+def test_run_dir_and_checkpoint_layout(run):
+    assert json.loads((run / "model_config.json").read_text())["vocab_size"] == 512
+    run_args = json.loads((run / "run_args.json").read_text())
+    assert run_args["total_steps"] == STEPS and run_args["gradient_accumulation_steps"] == 2
+    assert run_args["ds_config"]["scheduler"]["params"]["total_num_steps"] == STEPS
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000008"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000006", "step00000008"]  # keep_last 2
+    tag = ckpt / "step00000008"
+    names = {p.name for p in tag.iterdir()}
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank0_state.pt",
+            "train_state.json"} <= names
+    assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4)} <= names
+    state = json.loads((tag / "train_state.json").read_text())
+    assert state["step"] == 8 and state["tokens"] == 8 * 256 and state["reason"] == "final"
+    assert state["world_size"] == 1 and state["ep_size"] == 1 and state["model_config"]["vocab_size"] == 512
+    mine = torch.load(tag / "rank0_state.pt", weights_only=False)
+    assert mine["step"] == 8 and mine["sampler"]["step"] == 8
+    assert set(mine["rng"]) == {"python", "numpy", "torch", "accelerator"}
+    client = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["step"] == 8 and client["sampler"]["step"] == 8  # DeepSpeed's client_state
+
+
+def test_resume_continues_bit_for_bit(run, tiny_data, tmp_path):
+    """Pretend the run died after step 6: the resumed steps 7-8 equal the uninterrupted ones exactly."""
+    out = tmp_path / "resumed"
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "checkpoints" / "step00000008")
+    (out / "checkpoints" / "latest").write_text("step00000006")
+    ok(launch(TRAIN, *train_flags(tiny_data, out, "--resume")))
+    full, resumed = read_metrics(run), read_metrics(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # records past step 6 were replaced, not duplicated
+    for step in (7, 8):
+        for key in ("loss", "aux_loss", "grad_norm", "lr", "expert_load"):
+            assert resumed[step][key] == full[step][key], (step, key)
+    assert resumed[8]["val_loss"] == full[8]["val_loss"]
+
+
+def test_resume_of_a_finished_run_does_nothing(run, tiny_data, tmp_path):
+    out = tmp_path / "done"
+    shutil.copytree(run, out)
+    ok(launch(TRAIN, *train_flags(tiny_data, out, "--resume")))
+    assert read_metrics(out) == read_metrics(run)
+
+
+# ---- user errors: one line on stderr, exit 2, before any process group ------------------------------------
+
+def call_main(capsys, monkeypatch, tiny_data: Path, out: Path, ds: dict | None = None, world: int = 1,
+              **overrides) -> str:
+    """Run `main` in-process; returns the one stderr line after checking exit status 2."""
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ds_path = CPU_CONFIG
+    if ds is not None:
+        ds_path = out.parent / "ds.json"
+        ds_path.write_text(json.dumps({**json.loads(CPU_CONFIG.read_text()), **ds}))
+    kwargs = dict(ds_config=str(ds_path), model=str(tiny_data / "model.json"), data=str(tiny_data), out=str(out),
+                  max_steps=4, seq_len=32, eval_every=2, eval_batches=2)
+    assert main(TrainArgs(**{**kwargs, **overrides})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("world,ds,overrides,match", [
+    (2, {"train_micro_batch_size_per_gpu": 3}, {},
+     "train_batch_size=8 is not divisible by train_micro_batch_size_per_gpu=3 x world size 2 = 6"),
+    (1, {"gradient_accumulation_steps": 2}, {}, "remove gradient_accumulation_steps"),
+    (1, None, {"seq_len": 512}, "exceeds the model's context max_position_embeddings=256"),
+    (1, None, {"model": "tiny"}, "vocab_size 512"),
+    (2, {"zero_optimization": {"stage": 3}}, {}, "do not support ZeRO-3"),
+    (1, {"zero_optimization": {"stage": 0}}, {}, "use stage 1 or 2"),
+    (2, None, {"ep_size": 3}, "does not divide num_local_experts=4"),
+    (1, None, {"ep_size": 2}, "does not divide the world size 1"),
+    (1, None, {"tokens": 1000}, "exactly one of --tokens N or --max_steps N"),
+    (1, None, {"ds_config": "nope.json"}, "nope.json: file not found"),
+    (1, None, {"model": "huge"}, "not a preset"),
+    (1, None, {"data": "/nonexistent"}, "meta.json not found"),
+    (1, None, {"resume": True}, "no checkpoint to resume"),
+])
+def test_user_errors_are_one_line(capsys, monkeypatch, tiny_data, tmp_path, world, ds, overrides, match):
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", ds, world, **overrides)
+    assert match in line
+
+
+def test_resume_refuses_other_model_or_layout(capsys, monkeypatch, run, tiny_data, tmp_path):
+    other = tmp_path / "other.json"
+    cfg = json.loads((tiny_data / "model.json").read_text())
+    other.write_text(json.dumps({**cfg, "hidden_size": 128}))
+    line = call_main(capsys, monkeypatch, tiny_data, run, model=str(other), resume=True)
+    assert "another model config (hidden_size: 64 -> 128)" in line
+    line = call_main(capsys, monkeypatch, tiny_data, run, world=2, resume=True)
+    assert "world_size 1 -> 2" in line
+    line = call_main(capsys, monkeypatch, tiny_data, run, seq_len=16, resume=True)
+    assert "seq_len 32 -> 16" in line
+    line = call_main(capsys, monkeypatch, tiny_data, run)  # a new run into a dir with checkpoints
+    assert "already holds checkpoints" in line
+
+
+def test_cli_error_has_no_traceback(tiny_data, tmp_path):
+    proc = launch(TRAIN, *train_flags(tiny_data, tmp_path / "x", "--seq_len", "100000"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["train.py: error: --seq_len=100000 exceeds the model's context max_position_embeddings=256"]
+
+
+def test_help_documents_every_flag():
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, env=cpu_env())
+    assert proc.returncode == 0
+    for flag in ("--ds_config", "--model", "--data", "--out", "--tokens", "--max_steps", "--seq_len", "--ep_size",
+                 "--seed", "--resume", "--wandb", "--eval_every", "--eval_batches", "--save_every", "--keep_last",
+                 "--log_every", "--max_bad_steps", "--timeout_min", "--local_rank"):
+        assert flag in proc.stdout, flag
+
+
+# ---- faults --------------------------------------------------------------------------------------------
+
+NAN_WRAPPER = """
+import os, sys
+import gptoss.model.gptoss as m
+bad = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
+accum, calls, forward = int(os.environ["ACCUM"]), [0], m.GptOss.forward
+def poisoned(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    if self.training:
+        calls[0] += 1
+        if (calls[0] - 1) // accum + 1 in bad and (calls[0] - 1) % accum == 0:  # first micro-batch of the step
+            out.loss = out.loss * float("nan")
+    return out
+m.GptOss.forward = poisoned
+from gptoss.train import arg_parser, args_from_namespace, main
+sys.exit(main(args_from_namespace(arg_parser().parse_args())))
+"""
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
+    """NaN losses at steps 3 and 5-7: step 3 is skipped (weights, Adam and LR schedule untouched) and training
+    goes on; 3 bad steps in a row stop it with exit 3 and a checkpoint that holds the step-4 weights."""
+    wrapper = tmp_path / "nan_train.py"
+    wrapper.write_text(NAN_WRAPPER)
+    out = tmp_path / "nan"
+    flags = train_flags(tiny_data, out, "--max_bad_steps", "3", "--save_every", "4", "--keep_last", "0",
+                        "--eval_every", "0", steps=10)
+    proc = launch(wrapper, *flags, env=cpu_env(NAN_STEPS="3,5,6,7", ACCUM="2"))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "stopped after 3 consecutive non-finite steps" in proc.stderr
+    m = read_metrics(out)
+    assert sorted(m) == list(range(1, 8))
+    assert [s for s in m if m[s]["skipped"]] == [3, 5, 6, 7]
+    assert m[3]["loss"] is None and m[3]["grad_norm"] is None  # NaN/inf written as null
+    assert m[4]["lr"] == m[3]["lr"]  # the skipped step did not advance the schedule
+    assert m[5]["lr"] == m[6]["lr"] == m[7]["lr"]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000007"
+    assert json.loads((ckpt / "step00000007" / "train_state.json").read_text())["reason"] == "non-finite"
+    at4 = torch.load(ckpt / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    at7 = torch.load(ckpt / "step00000007" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert at4.keys() == at7.keys() and all(torch.equal(at4[k], at7[k]) for k in at4)
+
+
+def wait_for_metrics(out: Path, proc: subprocess.Popen, lines: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {lines} metrics records (exit {proc.poll()})")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_a_checkpoint_and_exits_zero(tiny_data, tmp_path, signum):
+    """Slurm's preemption / time-limit warning: finish the step, save, exit 0; the checkpoint resumes."""
+    out = tmp_path / "term"
+    cmd = [sys.executable, str(TRAIN), *train_flags(tiny_data, out, "--save_every", "0", steps=5000)]
+    log = tmp_path / "term.log"
+    with log.open("w") as f:  # a file, not a pipe: nobody reads a pipe while the run goes on
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            wait_for_metrics(out, proc, 2)
+            os.kill(proc.pid, signum)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "checkpoints" / tag / "train_state.json").read_text())
+    assert state["reason"] == "signal" and 2 <= state["step"] < 5000
+    assert tag == f"step{state['step']:08d}" and max(read_metrics(out)) == state["step"]
+    # the checkpoint resumes (a shorter schedule, just to see it load and take one more step)
+    ok(launch(TRAIN, *train_flags(tiny_data, out, "--resume", "--save_every", "0", steps=state["step"] + 1)))
+    assert max(read_metrics(out)) == state["step"] + 1
+
+
+def test_real_tokenizer_sample_with_the_tiny_preset(tmp_path):
+    """The quickstart path: the bundled sample (o200k_harmony, 201k vocab) and the tiny preset."""
+    from gptoss.data import prepare_dataset
+
+    prepare_dataset(out_dir=tmp_path / "sample", sample=True)
+    out = tmp_path / "q"
+    ok(launch(TRAIN, "--ds_config", str(CPU_CONFIG), "--model", "tiny", "--data", str(tmp_path / "sample"),
+              "--out", str(out), "--max_steps", "2", "--seq_len", "32", "--eval_every", "2", "--eval_batches", "1",
+              "--log_every", "1"))
+    m = read_metrics(out)
+    assert sorted(m) == [1, 2] and "val_loss" in m[2]
+    assert m[1]["loss"] == pytest.approx(math.log(201088), abs=0.5)  # near uniform at init

@@ -175,3 +175,29 @@ def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, 
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "torch_dtype": torch_dtype,
     }
+
+
+def from_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel state dict -> our GPT-2 baseline (inverse of `to_hf_gpt2_state_dict`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        if re.search(r"\.attn\.(bias|masked_bias)$", key):
+            continue  # causal-mask buffers of older transformers, not weights
+        if key == "lm_head.weight":
+            out[key] = value
+            continue
+        name = key.removeprefix("transformer.")
+        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name) is not None
+        out[name] = value.t().contiguous() if is_conv1d else value
+    if cfg.tie_word_embeddings and "wte.weight" in out:
+        out["lm_head.weight"] = out["wte.weight"]
+    return out
+
+
+def hf_generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    """generation_config.json. Stories end with <|endoftext|> (EOT_ID), so it stops generation as well as
+    <|return|> (EOS_ID, the released models' end of a harmony reply); pad is <|endoftext|> as released."""
+    ids = _special_ids(cfg)
+    eos = [EOT_ID, EOS_ID] if cfg.arch == "gpt_oss" else EOT_ID
+    return {"bos_token_id": ids["bos_token_id"], "eos_token_id": eos if ids["eos_token_id"] is not None else None,
+            "pad_token_id": ids["pad_token_id"]}

@@ -1,0 +1,112 @@
+"""Decoding speed: our KV-cached sampler vs transformers' `generate` on the same exported model.
+
+    python bench/bench_generate.py                          # tiny and nano shapes, vocab 8192, CPU
+    python bench/bench_generate.py --models nano --new_tokens 256 --batch 4 --device cuda
+
+Each model is built with random weights, written with `gptoss.export.save_model`, and loaded back by both
+sides from that directory: ours with `gptoss.generate.load_model`, transformers' `GptOssForCausalLM` with
+eager attention (its sdpa path does not support sinks). Greedy decoding of a random prompt, no stop token,
+so every run produces exactly --new_tokens tokens; tokens/s counts new tokens of all rows over wall time
+including the prompt pass (best and median of --repeats after one warm-up; each timing waits for a quiet
+machine first, see bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
+reference. "same tokens" says whether ours equals transformers' output. Prints a markdown table with the
+command and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gptoss.config import get_config, param_counts
+from gptoss.export import save_model
+from gptoss.generate import generate_batch, load_model
+from gptoss.model import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/ is not a package)
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device, work: Path) -> list[dict]:
+    import transformers
+
+    cfg = get_config(name, vocab_size=args.vocab)
+    torch.manual_seed(0)
+    path = save_model(build_model(cfg), work / name)
+    ours = load_model(path, device, "fp32")
+    hf = transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                        attn_implementation="eager").to(device).eval()
+    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len),
+                            generator=torch.Generator().manual_seed(0))
+    n = args.new_tokens
+
+    def run_hf() -> list[list[int]]:
+        with torch.no_grad():
+            out = hf.generate(prompts.to(device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+        return out[:, args.prompt_len:].tolist()
+
+    runs = {
+        "ours, KV cache": lambda: generate_batch(ours, prompts, n, temperature=0),
+        "ours, recompute (no cache)": lambda: generate_batch(ours, prompts, n, temperature=0, use_cache=False),
+        "transformers generate": run_hf,
+    }
+    if args.skip_recompute:
+        del runs["ours, recompute (no cache)"]
+    reference = run_hf()
+    p = param_counts(cfg)
+    results = []
+    for label, fn in runs.items():
+        common.wait_until_quiet(args.max_load, args.wait_s)
+        timing = common.time_fn(fn, args.repeats)
+        results.append({"model": name, "impl": label, "timing": timing, "same": fn() == reference,
+                        "params": f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "nano"], help="presets to time (default: %(default)s)")
+    ap.add_argument("--vocab", type=int, default=8192, help="vocabulary size, CPU-sized (default: %(default)s)")
+    ap.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (default: %(default)s)")
+    ap.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ap.add_argument("--skip_recompute", action="store_true", help="do not time the no-cache path")
+    ap.add_argument("--max_load", type=float, default=1.0,
+                    help="wait for the 1-min load average to drop to this before each timing; < 0: no wait "
+                    "(default: %(default)s)")
+    ap.add_argument("--wait_s", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    header = common.machine_line(common.machine_info())
+    if device.type == "cuda":
+        header += f" GPU: {torch.cuda.get_device_name(device)}."
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.models:
+            rows += bench_model(name, args, device, Path(work))
+    print(f"Command: `{common.command_line()}`\n\n{header}\n")
+    print(f"Greedy, batch {args.batch}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, vocab "
+          f"{args.vocab}, fp32; tokens/s from the best of {args.repeats} runs (median in brackets).\n")
+    table = []
+    for r in rows:
+        t = r["timing"]
+        tok = args.batch * args.new_tokens
+        table.append([r["model"], r["params"], r["impl"], f"{tok / t.best:.1f} ({tok / t.median:.1f})",
+                      f"{1000 * t.best / args.new_tokens:.2f}", "yes" if r["same"] else "NO"])
+    print(common.markdown_table(["model", "params total / active", "implementation", "new tokens/s",
+                                 "ms/step", "same tokens as transformers"], table, align="lllrrl"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

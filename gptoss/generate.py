@@ -1,0 +1,279 @@
+"""Sampling from a trained model: load it (export dir or training checkpoint), then decode with KV caches.
+
+GPT-OSS decodes with one `KVCache` per layer (`model.new_caches`): the prompt is run once, then one token
+per step at `start_pos = t`. Sliding layers keep a ring buffer of W positions, full layers the whole
+sequence, so a step costs O(context) instead of re-running the prefix. The GPT-2 baseline has no cache:
+each step re-runs the last `max_position_embeddings` tokens (nanoGPT's crop), which is exact within the
+trained context and slower; the same recompute path serves as the reference the cache is tested against.
+
+Sampling: logits / temperature -> top-k -> top-p (nucleus), the order of transformers' warpers; temperature
+0 is greedy. Random draws come from one CPU `torch.Generator` seeded with `seed` (one uniform per row and
+step, inverted through the CDF), so a seed gives the same tokens on CPU and GPU as long as the logits agree;
+seed None draws from torch's global CPU generator (`torch.manual_seed` applies).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptoss.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SampleError(ValueError):
+    """A sampling request that cannot work (bad setting, tokenizer and model disagree); says why."""
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SampleError(f"device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"device {device!r}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """None/"auto": the stored dtype on an accelerator; fp32 on CPU, where bf16 matmuls are slow (bf16
+    weights become fp32 exactly, so nothing is lost)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else stored
+    if dtype not in DTYPES:
+        raise SampleError(f"dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build on the meta device and adopt the given tensors (no random init of weights we replace)."""
+    from gptoss.model import build_model
+    from gptoss.model.layers import RotaryEmbedding
+
+    model = build_model(cfg, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings and hasattr(model, "wte"):
+        model.lm_head.weight = model.wte.weight  # assign=True replaced the shared Parameter by two
+    if hasattr(model, "rotary"):  # its inv_freq is a plain tensor, created on meta above
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, *, tag: str | None = None,
+               master_weights: bool = False) -> nn.Module:
+    """A model ready for `generate`, in eval mode, from an export dir (model.safetensors + gptoss_config.json)
+    or a run / checkpoints / tag dir (consolidated in memory by `gptoss.export`, nothing written)."""
+    from gptoss.export import load_state_dict, read_export
+
+    path = Path(path)
+    is_export = (path / "gptoss_config.json").is_file() or (path / "config.json").is_file()
+    if is_export:
+        cfg, state = read_export(path)
+    else:
+        cfg, state = load_state_dict(path, tag=tag, master_weights=master_weights)
+    dev = resolve_device(device)
+    stored = next(iter(state.values())).dtype
+    model = model_from_state_dict(cfg, state)
+    return model.to(device=dev, dtype=resolve_dtype(dtype, dev, stored)).eval()
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf what top-k and then top-p (nucleus) exclude; logits (B, V), already temperature-scaled.
+
+    top-k keeps the k largest (ties with the k-th kept, as transformers does). top-p keeps the smallest
+    set of most probable tokens whose probability reaches top_p: token i stays if the mass strictly
+    before it (in descending order) is < top_p, so the most probable token always stays.
+    """
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits.float(), dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row (B,) from the last-position logits (B, V)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    # First index with cdf > u * total: always a token of positive probability; u * total makes it
+    # immune to the rounding of the cdf's last value.
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _has_cache(model: nn.Module) -> bool:
+    return hasattr(model, "new_caches")
+
+
+@torch.no_grad()
+def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) for `max_new_tokens` steps; prompts (B, T) of equal length.
+
+    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
+    """
+    if prompts.dim() != 2 or prompts.shape[1] == 0:
+        raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
+    device = next(model.parameters()).device
+    seq = prompts.to(device)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    cached = use_cache and _has_cache(model)
+    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, _model_dtype(model), device) \
+        if cached else None
+    start, step_input = 0, seq
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for _ in range(max_new_tokens):
+        if cached:
+            logits = model(step_input, caches=caches, start_pos=start).logits[:, -1]
+            start += step_input.shape[1]
+        else:
+            context = seq[:, -limit:] if model.config.arch == "gpt2" and limit else seq
+            logits = model(context).logits[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        step_input = nxt[:, None]
+        if not cached:
+            seq = torch.cat([seq, step_input], dim=1)
+
+
+def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_ids: Sequence[int] = (),
+             on_token: Callable[[int], None] | None = None, use_cache: bool = True) -> list[int]:
+    """New token ids after `prompt_ids` (one sequence), ending with a stop id if one was produced.
+
+    `on_token` is called with each new id as soon as it is sampled (for streaming output).
+    """
+    prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids)
+    out = generate_batch(model, prompt.reshape(1, -1), max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, stop_ids=stop_ids, use_cache=use_cache,
+                         on_step=(lambda t: on_token(int(t[0]))) if on_token else None)
+    return out[0]
+
+
+def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   stop_ids: Sequence[int] = (), use_cache: bool = True,
+                   on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+    """New ids per row for equal-length prompts (B, T); a row ends at its first stop id (kept), and
+    decoding ends when every row has. `on_step` gets each step's (B,) tokens."""
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    rows: list[list[int]] = [[] for _ in range(prompts.shape[0])]
+    done = [False] * prompts.shape[0]
+    for nxt in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, use_cache=use_cache):
+        if on_step is not None:
+            on_step(nxt)
+        tokens = nxt.cpu()
+        stopped = torch.isin(tokens, stops).tolist()
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                rows[i].append(t)
+                done[i] = stopped[i]
+        if all(done):
+            break
+    return rows
+
+
+# ---- text in, text out (the CLI) -------------------------------------------------------------------------
+
+class TextStreamer:
+    """Decodes token ids to text as they arrive. A token can end inside a UTF-8 character (o200k's byte
+    pieces), so bytes go through an incremental decoder that holds back an incomplete tail."""
+
+    def __init__(self, write: Callable[[str], object], skip_ids: Sequence[int] = ()) -> None:
+        import codecs
+
+        from gptoss.tokenizer import get_encoding
+
+        self.enc = get_encoding()
+        self.write, self.skip = write, set(skip_ids)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def put(self, token_id: int) -> None:
+        if token_id in self.skip:
+            return
+        text = self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
+        if text:
+            self.write(text)
+
+    def end(self) -> None:
+        text = self.decoder.decode(b"", final=True)
+        if text:
+            self.write(text)
+
+
+def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: int = 200,
+                temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
+                seed: int | None = None, num_samples: int = 1, device: str | None = None,
+                dtype: str | None = None, write: Callable[[str], object] | None = None,
+                model: nn.Module | None = None) -> list[str]:
+    """Stories from a prompt, streamed through `write` (stdout by default) as they are generated.
+
+    Every prompt is preceded by <|endoftext|>, as each story follows one in the training stream; sample i
+    uses seed + i, so any one sample can be reproduced alone. Generation stops at <|endoftext|>.
+    """
+    import sys
+
+    from gptoss.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
+
+    checks = [(max_new_tokens >= 1, "max_new_tokens must be >= 1"), (temperature >= 0, "temperature must be >= 0"),
+              (top_k is None or top_k >= 1, "top_k must be >= 1 (or None)"),
+              (top_p is None or 0 < top_p <= 1, "top_p must be in (0, 1]"),
+              (num_samples >= 1, "num_samples must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise SampleError(msg)
+
+    if write is None:
+        def write(s: str) -> None:
+            sys.stdout.write(s)
+            sys.stdout.flush()
+    model = model if model is not None else load_model(path, device, dtype)
+    vocab = model.config.vocab_size
+    if vocab < VOCAB_SIZE:
+        raise SampleError(f"{path}: the model's vocab_size is {vocab}, smaller than o200k_harmony's {VOCAB_SIZE}; "
+                         "it cannot use the tokenizer (sample token ids with gptoss.generate.generate instead)")
+    ids = [EOT_ID, *encode(prompt)]
+    texts = []
+    for i in range(num_samples):
+        if i:
+            write("\n\n---\n\n")
+        write(prompt)
+        streamer = TextStreamer(write, skip_ids=[EOT_ID])
+        new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=None if seed is None else seed + i, stop_ids=[EOT_ID], on_token=streamer.put)
+        streamer.end()
+        texts.append(prompt + decode([t for t in new if t != EOT_ID]))
+    write("\n")
+    return texts

@@ -139,7 +139,11 @@ class MoEFeedForward(DeepSpeedMoE):
     def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""
         pieces = x.split(counts.tolist())
-        return torch.cat([expert(piece) for expert, piece in zip(self.local_experts, pieces)])
+        # An idle expert still runs in training (DeepSpeed expects a gradient, zeros, for each parameter);
+        # at inference its empty (0, H) input already is its output.
+        train = torch.is_grad_enabled()
+        return torch.cat([expert(piece) if train or len(piece) else piece
+                          for expert, piece in zip(self.local_experts, pieces)])
 
     def _exchange_and_run(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Send each row to the rank owning its expert, run the local experts, send the results back."""

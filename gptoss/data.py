@@ -248,23 +248,28 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
     )
 
 
-def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str]:
-    """Stream the tokenized split into `path`; returns (tokens, sha256), hashed while writing."""
+def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int]:
+    """Stream the tokenized split into `path`; returns (tokens, sha256, largest id), all found while writing.
+
+    The largest id goes into meta.json so that training can refuse ids outside the model's vocabulary
+    without reading the file.
+    """
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
     total = pc.sum(ds.with_format("arrow")["len"]).as_py()
-    sha, written = hashlib.sha256(), 0
+    sha, written, top = hashlib.sha256(), 0, -1
     with open(path, "wb") as f, tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
         for table in ds.with_format("arrow").iter(batch_size=10_000):
             arr = np.ascontiguousarray(pc.list_flatten(table["ids"]).to_numpy(), dtype=DTYPE)
             f.write(memoryview(arr))
             sha.update(memoryview(arr))
             written += arr.size
+            top = max(top, int(arr.max())) if arr.size else top
             bar.update(arr.size)
     if written != total:
         raise DataError(f"wrote {written} tokens to {path}, expected {total}")
-    return written, sha.hexdigest()
+    return written, sha.hexdigest(), top
 
 
 def _read_meta(data_dir: Path) -> dict[str, Any]:
@@ -364,9 +369,9 @@ def prepare_dataset(
             if tokenized.num_rows == 0:
                 raise DataError(f"{description}: split '{split}' has no non-empty documents")
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
-            tokens, digest = _write_split(tokenized, tmp_bins[split], split)
+            tokens, digest, top = _write_split(tokenized, tmp_bins[split], split)
             stats[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": tokenized.num_rows,
-                            "sha256": digest}
+                            "sha256": digest, "max_token_id": top}
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())
         meta = {
@@ -429,6 +434,12 @@ class TokenDataset:
                 f"{self.data_dir} was tokenized with vocab_size {self.vocab_size} "
                 f"({self.meta.get('tokenizer')}), but the model's vocab_size is {vocab_size}"
             )
+        top = info.get("max_token_id")  # absent in data prepared before it was recorded
+        if top is not None and int(top) >= self.vocab_size:
+            raise DataError(
+                f"{meta_path}: split '{split}' holds token ids up to {top} (max_token_id), outside the vocabulary "
+                f"of {self.vocab_size}: tokenized with another tokenizer or corrupted; re-run prepare_data.py --force"
+            )
         self.num_tokens = int(info["tokens"])
         expected = self.num_tokens * DTYPE.itemsize
         if not self.path.is_file():
@@ -442,7 +453,7 @@ class TokenDataset:
             )
         if self.num_tokens < self.seq_len + 1:
             raise DataError(
-                f"split '{split}' has {self.num_tokens} tokens, fewer than one window of seq_len+1 = "
+                f"{self.path}: split '{split}' has {self.num_tokens} tokens, fewer than one window of seq_len+1 = "
                 f"{self.seq_len + 1}; use a smaller seq_len or more data"
             )
         self._open()
@@ -466,13 +477,29 @@ class TokenDataset:
         """(inputs, targets), int64 [seq_len] each, from one slice of seq_len + 1 tokens."""
         if not 0 <= start < len(self):
             raise IndexError(f"window start {start} outside [0, {len(self)}) of split '{self.split}'")
-        chunk = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        chunk = self.tokens[start:start + self.seq_len + 1]
+        self._check_ids(chunk[None], np.array([start]))
+        chunk = torch.from_numpy(chunk.astype(np.int64))
         return chunk[:-1], chunk[1:]
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [B, seq_len], gathered in one fancy-indexing read of the memmap."""
-        rows = self.tokens[np.asarray(starts, dtype=np.int64)[:, None] + self._offsets]
+        starts = np.asarray(starts, dtype=np.int64)
+        rows = self.tokens[starts[:, None] + self._offsets]
+        self._check_ids(rows, starts)
         return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+
+    def _check_ids(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Refuse windows [len(starts), seq_len + 1] holding an id outside the vocabulary: the embedding lookup
+        would crash (a device-side assert on GPU) or train on garbage. One max per batch costs nothing."""
+        top = int(rows.max()) if rows.size else -1
+        if top >= self.vocab_size:
+            row, col = np.argwhere(rows >= self.vocab_size)[0]
+            raise DataError(
+                f"{self.path}: token id {top} at position {int(starts[row]) + int(col)} is outside the vocabulary "
+                f"of {self.vocab_size}: the file is corrupted (train.py --verify_data scans the whole file); "
+                "re-run prepare_data.py --force"
+            )
 
     def _chunks(self) -> Iterator[np.ndarray]:
         for i in range(0, self.num_tokens, _CHUNK_TOKENS):
@@ -483,17 +510,23 @@ class TokenDataset:
         limit = self.vocab_size if vocab_size is None else vocab_size
         top = max(int(chunk.max()) for chunk in self._chunks())
         if top >= limit:
-            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {limit}")
+            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {limit}: tokenized with "
+                            "another tokenizer or corrupted; re-run prepare_data.py --force")
         return top
 
     def verify_checksum(self) -> str:
         """sha256 of the file against meta.json (reads the whole file: optional, not done on open)."""
+        expected = self.meta["splits"][self.split].get("sha256")
+        if not expected:
+            raise DataError(f"{self.data_dir / META_NAME} records no sha256 for split '{self.split}', so "
+                            f"{self.path} cannot be verified; re-run prepare_data.py --force to record it")
         sha = hashlib.sha256()
         for chunk in self._chunks():
             sha.update(memoryview(np.ascontiguousarray(chunk)))
-        digest, expected = sha.hexdigest(), self.meta["splits"][self.split]["sha256"]
+        digest = sha.hexdigest()
         if digest != expected:
-            raise DataError(f"{self.path} has sha256 {digest}, {META_NAME} says {expected}: the file changed")
+            raise DataError(f"{self.path} has sha256 {digest}, {META_NAME} says {expected}: the file changed "
+                            "since it was prepared (corrupted or overwritten); re-run prepare_data.py --force")
         return digest
 
 

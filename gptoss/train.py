@@ -22,11 +22,20 @@ Checkpoint layout (`<out>/checkpoints/`):
     step00000100/                one tag per save, `step{N:08d}`; DeepSpeed's own files, plus
         rank{r}_state.pt         per rank: RNG states (python, numpy, torch, accelerator), sampler, step
         train_state.json         rank 0: step, tokens, model_config, world/ep/batch layout (no torch needed)
+A save writes every file, flushes them to disk, then writes train_state.json and renames `latest` into place;
+a crash before that rename leaves `latest` on the previous checkpoint. `--resume` reads `latest` only, a
+half-written tag dir is cleared when that step is saved again, and pruning never deletes what `latest` names.
+
+Faults: flags, configs (unknown DeepSpeed keys included), data and checkpoint are checked before any process
+group exists (exit 2, one line). A batch with an id outside the vocabulary is refused (exit 2). A rank that
+dies or hangs makes the others fail within --timeout_min (exit 4, one line naming the checkpoint to resume);
+that timeout covers DeepSpeed's own process groups too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -57,6 +66,25 @@ CHECKPOINT_FORMAT = 1
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A40": 149.7e12}
 EXIT_USER_ERROR = 2
 EXIT_BAD_STEPS = 3
+EXIT_LOST_RANK = 4
+# Every top-level key DeepSpeed 0.19 reads (DeepSpeedConfig and deepspeed.initialize; tests/test_faults.py
+# re-derives the set from the installed DeepSpeed). DeepSpeed silently ignores any other key, so a typo such
+# as "train_batch_szie" would quietly train with a default; we refuse it instead.
+DS_CONFIG_KEYS = frozenset({
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_parallel_size", "data_types", "dataloader_drop_last",
+    "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity",
+    "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op",
+    "gradient_clipping", "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level",
+    "managed_gradient_accumulation", "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients",
+    "progressive_layer_drop", "quantize_training", "scheduler", "seq_parallel_communication_data_type",
+    "sequence_parallel_size", "sparse_attention", "sparse_gradients", "steps_per_print", "tensor_parallel",
+    "tensorboard", "timers", "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu",
+    "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
+})
+GPTOSS_KEYS = frozenset({"ep_size"})  # the config's own "gptoss" section
 
 
 class TrainError(ValueError):
@@ -101,8 +129,11 @@ class TrainArgs:
                            default=10)
     max_bad_steps: int = _help("stop (exit 3, checkpoint of the last good state) after N consecutive "
                                "skipped steps with non-finite loss or gradient norm", default=5)
-    timeout_min: float = _help("collective timeout in minutes: a dead rank makes the others fail instead of "
-                               "hanging", default=30.0)
+    timeout_min: float = _help("collective timeout in minutes: a dead or hung rank makes the others fail (exit 4) "
+                               "instead of hanging", default=30.0)
+    verify_data: bool = _help("before training, hash the data files against meta.json's sha256 and scan every "
+                              "token id against the vocabulary (reads all the data; sizes and meta.json's "
+                              "max_token_id are always checked)", default=False)
 
 
 def arg_parser(description: str | None = None) -> Any:
@@ -176,10 +207,25 @@ def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise TrainError(f"--ds_config {path}: expected a JSON object")
     ds = {k: v for k, v in raw.items() if not k.startswith("_")}
     ours = ds.pop("gptoss", {})
-    unknown = sorted(set(ours) - {"ep_size"})
-    if unknown:
-        raise TrainError(f"--ds_config {path}: unknown key(s) {unknown} in the 'gptoss' section (known: ep_size)")
+    if not isinstance(ours, dict):
+        raise TrainError(f"--ds_config {path}: 'gptoss' must be an object like {{\"ep_size\": 8}}")
+    _refuse_unknown(set(ours) - GPTOSS_KEYS, GPTOSS_KEYS, f"--ds_config {path}: unknown key(s) in the 'gptoss' "
+                    "section", f"known: {', '.join(sorted(GPTOSS_KEYS))}")
+    _refuse_unknown(set(ds) - DS_CONFIG_KEYS, DS_CONFIG_KEYS, f"--ds_config {path}: unknown DeepSpeed "
+                    "key(s)", "DeepSpeed would silently ignore them; fix the name, or prefix it with '_' to keep it "
+                    "as a comment")
     return ds, ours
+
+
+def _refuse_unknown(unknown: set[str], known: frozenset[str], what: str, fix: str) -> None:
+    """One line naming each unknown key, with the closest known one where there is one."""
+    if not unknown:
+        return
+    named = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        named.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise TrainError(f"{what}: {', '.join(named)}; {fix}")
 
 
 def _env_int(name: str, default: int | str) -> int:
@@ -233,8 +279,15 @@ def read_train_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names: the only checkpoint known to be complete (a save that died never wrote it)."""
     latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag:
+        raise TrainError(f"{latest} is empty; write the tag of a complete checkpoint into it (a step* dir with "
+                         "train_state.json) or choose another --out")
+    return tag
 
 
 def _check_resume(plan: Plan) -> None:
@@ -249,6 +302,9 @@ def _check_resume(plan: Plan) -> None:
         raise TrainError(f"--resume: no checkpoint to resume in {ckpt_dir} (no 'latest' file); "
                          "drop --resume to start a new run")
     state = read_train_state(ckpt_dir, tag)
+    mine = ckpt_dir / tag / f"rank{plan.rank}_state.pt"
+    if state.get("world_size") == plan.world_size and not mine.is_file():
+        raise TrainError(f"--resume: {mine} not found; {ckpt_dir / tag} is incomplete (copied partially?)")
     saved_cfg, cfg = state["model_config"], plan.cfg.to_dict()
     if saved_cfg != cfg:
         diff = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {cfg.get(k)!r}"
@@ -289,12 +345,31 @@ def plan_run(args: TrainArgs) -> Plan:
     tokens_per_step = tbs * args.seq_len
     total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / tokens_per_step)
     _set_schedule_length(ds, total)
-    train_data = TokenDataset(args.data, "train", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
-    val_data = (TokenDataset(args.data, "val", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
-                if args.eval_every else None)
+    train_data, val_data = open_data(args, cfg)
     plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None)
     _check_resume(plan)
     return plan
+
+
+def open_data(args: TrainArgs, cfg: ModelConfig) -> tuple[TokenDataset, TokenDataset | None]:
+    """Open the splits the run reads; cheap checks always (meta, sizes, vocab, max_token_id), the full sha256
+    and token scan with --verify_data. Every rank checks for itself: a node may see a different copy."""
+    train_data = TokenDataset(args.data, "train", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
+    val_data = None
+    if args.eval_every:
+        try:
+            val_data = TokenDataset(args.data, "val", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
+        except DataError as e:
+            raise DataError(f"{e} (validation is on: --eval_every 0 trains without it)") from e
+    if args.verify_data:
+        for ds in (train_data, val_data):
+            if ds is not None:
+                t0 = time.perf_counter()
+                ds.verify_checksum()
+                ds.check_token_range(cfg.vocab_size)
+                log.info("verified %s: sha256 matches meta.json, ids < %d (%.1fs)", ds.path, cfg.vocab_size,
+                         time.perf_counter() - t0)
+    return train_data, val_data
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,7 +412,14 @@ def init_distributed(timeout_min: float) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     if get_accelerator().device_name() == "cuda":
         get_accelerator().set_device(_env_int("LOCAL_RANK", 0))
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_min), verbose=False)
+    timeout = timedelta(minutes=timeout_min)
+    # DeepSpeed builds its data/expert-parallel groups with new_group(ranks), which takes torch's 30-minute
+    # default instead of the world group's timeout; ZeRO's gradient reduction and the MoE all-to-all run on
+    # those groups, so without this a hung rank stalls the others for 30 minutes whatever --timeout_min says.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
 
 
 def build_engine(plan: Plan) -> Any:
@@ -390,10 +472,18 @@ class Progress:
 
 
 def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progress, reason: str) -> str:
-    """All ranks: DeepSpeed's files, then one small file per rank, then rank 0 commits `latest`."""
+    """All ranks: DeepSpeed's files, then one small file per rank, flushed to disk; then rank 0 commits `latest`.
+
+    A crash anywhere before the commit leaves `latest` naming the previous checkpoint, and the half-written
+    tag dir is never read (resume follows `latest` only); it is cleared when that step is saved again.
+    """
     import torch.distributed as dist
 
     tag = f"step{prog.step:08d}"
+    tag_dir = plan.ckpt_dir / tag
+    if plan.rank == 0 and tag_dir.exists() and tag != latest_tag(plan.ckpt_dir):
+        shutil.rmtree(tag_dir)  # the remains of a save that died: no stale file may survive into this one
+    dist.barrier()
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": prog.step,
@@ -412,33 +502,72 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
         "sampler": sampler.state_dict(),
     }
     engine.save_checkpoint(str(plan.ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    tag_dir = plan.ckpt_dir / tag
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
     torch.save({"rng": rng_state(), "sampler": sampler.state_dict(), "step": prog.step},
                tag_dir / f"rank{plan.rank}_state.pt")
     dist.barrier()
+    if _env_int("LOCAL_RANK", 0) == 0:  # one rank per node flushes what its node wrote
+        _fsync_tree(tag_dir)
+    dist.barrier()
     if plan.rank == 0:
-        (tag_dir / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        _atomic_write(plan.ckpt_dir / "latest", tag)
+        _atomic_write(tag_dir / "train_state.json", json.dumps(state, indent=2) + "\n")  # marks the dir complete
+        _atomic_write(plan.ckpt_dir / "latest", tag)  # the commit
         prune_checkpoints(plan.ckpt_dir, plan.args.keep_last, keep=tag)
     dist.barrier()
     log.info("saved checkpoint %s (%s)", tag_dir, reason)
     return tag
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; durability is then theirs to give
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(tag_dir: Path) -> None:
+    """Flush a checkpoint's files to disk before `latest` names it: after a power loss, `latest` must not point
+    at files that existed only in the page cache."""
+    for f in tag_dir.iterdir():
+        if f.is_file():
+            _fsync(f)
+    _fsync(tag_dir, directory=True)
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename: a reader sees the old content or the new, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent, directory=True)
+
+
+def _tag_step(name: str) -> int | None:
+    return int(name[4:]) if name.startswith("step") and name[4:].isdigit() else None
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    """Delete all but the newest `keep_last` step tags (0 keeps all); never the one `latest` names."""
-    if keep_last <= 0:
+    """Keep `keep` (the tag `latest` names: never deleted) and the newest `keep_last - 1` complete checkpoints
+    before it; delete older ones and the remains of saves that died (no train_state.json). Tags after `keep`
+    (a run resumed from an older tag by hand) are left alone. keep_last 0 keeps everything."""
+    keep_step = _tag_step(keep)
+    if keep_last <= 0 or keep_step is None:
         return
-    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-    for old in tags[:-keep_last]:
-        if old.name != keep:
+    steps = {p: _tag_step(p.name) for p in ckpt_dir.glob("step*") if p.is_dir()}
+    older = sorted((p for p, step in steps.items() if step is not None and step < keep_step), key=steps.get)
+    complete = [p for p in older if (p / "train_state.json").is_file()]
+    kept = {p.name for p in complete[-(keep_last - 1):]} if keep_last > 1 else set()
+    for old in older:
+        if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -643,7 +772,8 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(args: TrainArgs) -> int:
-    """Run training; returns the exit status (0 done or stopped by a signal, 2 user error, 3 non-finite)."""
+    """Run training; returns the exit status (0 done or stopped by a signal, 2 user error, 3 non-finite, 4 a rank
+    died or hung)."""
     _setup_logging(_env_int("RANK", os.environ.get("SLURM_PROCID", 0)))
     try:
         adopt_slurm_env()
@@ -654,9 +784,32 @@ def main(args: TrainArgs) -> int:
         return EXIT_USER_ERROR
     try:
         return train(plan)
-    except TrainError as e:  # found after setup (a checkpoint that does not load)
+    except (TrainError, DataError) as e:  # found after setup: a checkpoint that does not load, a corrupted batch
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        if plan.world_size == 1 or not _is_comm_failure(e):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        try:
+            tag = latest_tag(plan.ckpt_dir)
+        except TrainError:
+            tag = None
+        print(f"train.py: error: rank {plan.rank} lost the other ranks ({first.strip()}): a rank died or hung "
+              f"longer than --timeout_min={plan.args.timeout_min:g}; fix the cause and restart with --resume "
+              f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
+        return EXIT_LOST_RANK
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    """A collective or the rendezvous failed: a peer died, hung past the timeout, or the network broke. Gloo
+    reports these as plain RuntimeErrors, so its words are matched too."""
+    import torch.distributed as dist
+
+    if isinstance(e, dist.DistError):
+        return True
+    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in markers)
 
 
 def train(plan: Plan) -> int:

@@ -8,7 +8,8 @@
 
 Exit status: 0 finished or stopped by SIGTERM/SIGUSR1 (checkpoint saved; continue with --resume),
 2 invalid flags/config/data/checkpoint (one line on stderr), 3 stopped after --max_bad_steps
-consecutive non-finite steps (checkpoint of the last good weights saved).
+consecutive non-finite steps (checkpoint of the last good weights saved), 4 another rank died or hung
+past --timeout_min (one line on stderr; restart with --resume from the last checkpoint).
 """
 
 from __future__ import annotations

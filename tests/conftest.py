@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from gptoss.config import get_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VOCAB = 512
+TRAIN = REPO / "launch" / "train.py"
+CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
 
 
 def free_port() -> int:
@@ -60,7 +64,8 @@ def tiny_data(tmp_path_factory) -> Path:
             follow = rng.random() < 0.8
             tokens[i] = (tokens[i - 1] * 5 + 3) % TINY_VOCAB if follow else rng.integers(TINY_VOCAB)
         tokens.tofile(out / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1, "sha256": ""}
+        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1,
+                         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "max_token_id": int(tokens.max())}
     meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": TINY_VOCAB, "eot_id": 0,
             "dtype": "uint32", "splits": splits}
     (out / "meta.json").write_text(json.dumps(meta))
@@ -71,3 +76,42 @@ def tiny_data(tmp_path_factory) -> Path:
 def read_metrics(run_dir: Path) -> dict[int, dict]:
     """metrics.jsonl of a run, by step."""
     return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def train_flags(data: Path, out: Path, *extra: str, steps: int = 8) -> list[str]:
+    """launch/train.py flags for a short tiny_data run: eval at 4, saves every 3, the last 2 kept."""
+    return ["--ds_config", str(CPU_CONFIG), "--model", str(data / "model.json"), "--data", str(data),
+            "--out", str(out), "--max_steps", str(steps), "--seq_len", "32", "--eval_every", "4",
+            "--eval_batches", "2", "--save_every", "3", "--keep_last", "2", "--log_every", "1", *extra]
+
+
+def wait_for_metrics(out: Path, proc: subprocess.Popen, lines: int, timeout: float = 300) -> None:
+    """Block until a running training process has written `lines` metrics records."""
+    deadline = time.monotonic() + timeout
+    path = Path(out) / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {lines} metrics records (exit {proc.poll()})")
+
+
+def call_main(capsys, monkeypatch, tiny_data: Path, out: Path, ds: dict | None = None, world: int = 1,
+              **overrides) -> str:
+    """Run `gptoss.train.main` in-process (checks that stop before any process group); returns the one stderr
+    line after checking exit status 2. `ds` overrides keys of ds_configs/cpu.json."""
+    from gptoss.train import TrainArgs, main
+
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ds_path = CPU_CONFIG
+    if ds is not None:
+        ds_path = out.parent / "ds.json"
+        ds_path.write_text(json.dumps({**json.loads(CPU_CONFIG.read_text()), **ds}))
+    kwargs = dict(ds_config=str(ds_path), model=str(tiny_data / "model.json"), data=str(tiny_data), out=str(out),
+                  max_steps=4, seq_len=32, eval_every=2, eval_batches=2)
+    assert main(TrainArgs(**{**kwargs, **overrides})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
+    return err[0]

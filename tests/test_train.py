@@ -13,24 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cpu_env, launch, read_metrics
+from conftest import CPU_CONFIG, REPO, TRAIN, call_main, cpu_env, launch, read_metrics, train_flags, wait_for_metrics
 
-from gptoss.train import TrainArgs, main
-
-TRAIN = REPO / "launch" / "train.py"
-CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
-STEPS = 8
-
-
-def train_flags(data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return ["--ds_config", str(CPU_CONFIG), "--model", str(data / "model.json"), "--data", str(data),
-            "--out", str(out), "--max_steps", str(steps), "--seq_len", "32", "--eval_every", "4",
-            "--eval_batches", "2", "--save_every", "3", "--keep_last", "2", "--log_every", "1", *extra]
+STEPS = 8  # train_flags' default
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -115,24 +104,6 @@ def test_resume_of_a_finished_run_does_nothing(run, tiny_data, tmp_path):
 
 # ---- user errors: one line on stderr, exit 2, before any process group ------------------------------------
 
-def call_main(capsys, monkeypatch, tiny_data: Path, out: Path, ds: dict | None = None, world: int = 1,
-              **overrides) -> str:
-    """Run `main` in-process; returns the one stderr line after checking exit status 2."""
-    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    ds_path = CPU_CONFIG
-    if ds is not None:
-        ds_path = out.parent / "ds.json"
-        ds_path.write_text(json.dumps({**json.loads(CPU_CONFIG.read_text()), **ds}))
-    kwargs = dict(ds_config=str(ds_path), model=str(tiny_data / "model.json"), data=str(tiny_data), out=str(out),
-                  max_steps=4, seq_len=32, eval_every=2, eval_batches=2)
-    assert main(TrainArgs(**{**kwargs, **overrides})) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
-    return err[0]
-
-
 @pytest.mark.parametrize("world,ds,overrides,match", [
     (2, {"train_micro_batch_size_per_gpu": 3}, {},
      "train_batch_size=8 is not divisible by train_micro_batch_size_per_gpu=3 x world size 2 = 6"),
@@ -181,64 +152,11 @@ def test_help_documents_every_flag():
     assert proc.returncode == 0
     for flag in ("--ds_config", "--model", "--data", "--out", "--tokens", "--max_steps", "--seq_len", "--ep_size",
                  "--seed", "--resume", "--wandb", "--eval_every", "--eval_batches", "--save_every", "--keep_last",
-                 "--log_every", "--max_bad_steps", "--timeout_min", "--local_rank"):
+                 "--log_every", "--max_bad_steps", "--timeout_min", "--verify_data", "--local_rank"):
         assert flag in proc.stdout, flag
 
 
 # ---- faults --------------------------------------------------------------------------------------------
-
-NAN_WRAPPER = """
-import os, sys
-import gptoss.model.gptoss as m
-bad = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
-accum, calls, forward = int(os.environ["ACCUM"]), [0], m.GptOss.forward
-def poisoned(self, *args, **kwargs):
-    out = forward(self, *args, **kwargs)
-    if self.training:
-        calls[0] += 1
-        if (calls[0] - 1) // accum + 1 in bad and (calls[0] - 1) % accum == 0:  # first micro-batch of the step
-            out.loss = out.loss * float("nan")
-    return out
-m.GptOss.forward = poisoned
-from gptoss.train import arg_parser, args_from_namespace, main
-sys.exit(main(args_from_namespace(arg_parser().parse_args())))
-"""
-
-
-def test_nonfinite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
-    """NaN losses at steps 3 and 5-7: step 3 is skipped (weights, Adam and LR schedule untouched) and training
-    goes on; 3 bad steps in a row stop it with exit 3 and a checkpoint that holds the step-4 weights."""
-    wrapper = tmp_path / "nan_train.py"
-    wrapper.write_text(NAN_WRAPPER)
-    out = tmp_path / "nan"
-    flags = train_flags(tiny_data, out, "--max_bad_steps", "3", "--save_every", "4", "--keep_last", "0",
-                        "--eval_every", "0", steps=10)
-    proc = launch(wrapper, *flags, env=cpu_env(NAN_STEPS="3,5,6,7", ACCUM="2"))
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "stopped after 3 consecutive non-finite steps" in proc.stderr
-    m = read_metrics(out)
-    assert sorted(m) == list(range(1, 8))
-    assert [s for s in m if m[s]["skipped"]] == [3, 5, 6, 7]
-    assert m[3]["loss"] is None and m[3]["grad_norm"] is None  # NaN/inf written as null
-    assert m[4]["lr"] == m[3]["lr"]  # the skipped step did not advance the schedule
-    assert m[5]["lr"] == m[6]["lr"] == m[7]["lr"]
-    ckpt = out / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step00000007"
-    assert json.loads((ckpt / "step00000007" / "train_state.json").read_text())["reason"] == "non-finite"
-    at4 = torch.load(ckpt / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    at7 = torch.load(ckpt / "step00000007" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    assert at4.keys() == at7.keys() and all(torch.equal(at4[k], at7[k]) for k in at4)
-
-
-def wait_for_metrics(out: Path, proc: subprocess.Popen, lines: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    path = out / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.is_file() and len(path.read_text().splitlines()) >= lines:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no {lines} metrics records (exit {proc.poll()})")
-
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_a_checkpoint_and_exits_zero(tiny_data, tmp_path, signum):

@@ -114,6 +114,8 @@ class TrainArgs:
                                 "world size and the expert count); default: the config's gptoss.ep_size or 1",
                                 default=None)
     seed: int = _help("seed of the weight init and the data order", default=0)
+    attn_impl: str = _help("attention kernel: auto (FlexAttention on GPU, banded sliding window + SDPA on CPU), "
+                           "flex, cpu (the banded/SDPA kernels on any device) or eager (reference)", default="auto")
     resume: bool = _help("continue from <out>/checkpoints/latest (same model, world size and batch layout)",
                          default=False)
     wandb: bool = _help("also log to Weights & Biases (WANDB_MODE=offline works without network)",
@@ -242,6 +244,10 @@ def _check_args(a: TrainArgs) -> None:
             raise TrainError(f"--{name}={v}: must be >= {low}")
     if a.timeout_min <= 0:
         raise TrainError(f"--timeout_min={a.timeout_min}: must be > 0")
+    from gptoss.model import ATTENTION_IMPLS
+
+    if a.attn_impl not in ATTENTION_IMPLS:
+        raise TrainError(f"--attn_impl={a.attn_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")
 
 
 def _check_batch(ds: dict[str, Any], path: str, world: int) -> tuple[int, int, int]:
@@ -426,10 +432,11 @@ def build_engine(plan: Plan) -> Any:
     """Model from the seed, then DeepSpeed's engine with our parameter groups (no decay on norms etc.)."""
     import deepspeed
 
-    from gptoss.model import build_model, param_groups
+    from gptoss.model import build_model, param_groups, set_attention_impl
 
     torch.manual_seed(plan.args.seed)
     model = build_model(plan.cfg, ep_size=plan.ep_size)
+    set_attention_impl(model, plan.args.attn_impl)
     wd = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), config=plan.ds_config)
     sched = engine.lr_scheduler

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config, param_counts
-from gptoss.model import build_model, param_groups
+from gptoss.model import build_model, param_groups, set_attention_impl
 from gptoss.model.attention import (
     banded_sliding_attention,
     eager_attention,
@@ -213,8 +213,7 @@ def test_full_model_fast_path_equals_eager_path():
     x = torch.randint(0, 512, (2, 40))  # longer than the window (16)
     fast = model(x, targets=x)
     g_fast = torch.autograd.grad(fast.loss, list(model.parameters()))
-    for block in model.layers:
-        block.self_attn.impl = "eager"
+    set_attention_impl(model, "eager")
     slow = model(x, targets=x)
     g_slow = torch.autograd.grad(slow.loss, list(model.parameters()))
     torch.testing.assert_close(fast.loss, slow.loss)
@@ -309,3 +308,8 @@ def test_param_groups_no_decay_on_norms_biases_sinks_embeddings():
             assert (g["weight_decay"] == 0.0) == no_decay, n
     assert any(g.get("moe") for g in groups)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_unknown_attention_impl_is_refused():
+    with pytest.raises(ValueError, match="expected one of auto, flex, cpu, eager"):
+        set_attention_impl(build_model(get_config("tiny", **TINY)), "fast")

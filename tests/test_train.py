@@ -119,6 +119,7 @@ def test_resume_of_a_finished_run_does_nothing(run, tiny_data, tmp_path):
     (1, None, {"model": "huge"}, "not a preset"),
     (1, None, {"data": "/nonexistent"}, "meta.json not found"),
     (1, None, {"resume": True}, "no checkpoint to resume"),
+    (1, None, {"attn_impl": "fast"}, "--attn_impl=fast: expected one of auto, flex, cpu, eager"),
 ])
 def test_user_errors_are_one_line(capsys, monkeypatch, tiny_data, tmp_path, world, ds, overrides, match):
     line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", ds, world, **overrides)
@@ -152,7 +153,7 @@ def test_help_documents_every_flag():
     assert proc.returncode == 0
     for flag in ("--ds_config", "--model", "--data", "--out", "--tokens", "--max_steps", "--seq_len", "--ep_size",
                  "--seed", "--resume", "--wandb", "--eval_every", "--eval_batches", "--save_every", "--keep_last",
-                 "--log_every", "--max_bad_steps", "--timeout_min", "--verify_data", "--local_rank"):
+                 "--log_every", "--max_bad_steps", "--timeout_min", "--verify_data", "--attn_impl", "--local_rank"):
         assert flag in proc.stdout, flag
 
 

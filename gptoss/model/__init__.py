@@ -25,6 +25,18 @@ def build_model(cfg: ModelConfig, ep_size: int = 1, device: torch.device | str |
     return model
 
 
+ATTENTION_IMPLS = ("auto", "flex", "cpu", "eager")
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> None:
+    """Choose the attention kernel of every GPT-OSS layer: "auto" (FlexAttention on GPU, banded sliding
+    window + SDPA with a sink key elsewhere), "flex", "cpu" (the banded/SDPA kernels on any device), "eager"."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    for block in getattr(model, "layers", []):
+        block.self_attn.impl = impl
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices only (no decay on norms, biases, sinks, embeddings), then split
     into DeepSpeed's MoE groups so expert parameters are reduced over their expert-data-parallel group."""
@@ -43,4 +55,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["GPT2", "GptOss", "KVCache", "ModelOutput", "build_model", "param_groups", "validate_parallelism"]
+__all__ = ["ATTENTION_IMPLS", "GPT2", "GptOss", "KVCache", "ModelOutput", "build_model", "param_groups",
+           "set_attention_impl", "validate_parallelism"]

@@ -1,0 +1,137 @@
+"""Per-head attention probabilities and sink mass of a GPT-OSS model on one prompt.
+
+The training kernels never materialise probabilities (banded / SDPA / flex), so they are recomputed here
+with the eager formula of the spec: `p_ij = exp(s_ij) / (exp(sink_h) + sum_k exp(s_ik))`, with s = q k^T
+/ sqrt(d) over the causal (or sliding-window) keys. The inputs are captured with a forward pre-hook on each
+attention module (its normed hidden states and the model's own cos/sin), and q, k come from the module's
+own projections and `apply_rotary`, so the maps are those of the model, not of a re-derivation. The sink's
+share is the probability of the extra column, `exp(sink_h) / (exp(sink_h) + sum_k exp(s_ik))`: how much of
+each query's attention goes nowhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptoss.analysis import AnalysisError
+
+
+@dataclass
+class AttentionMap:
+    """One layer on one prompt: probs (heads, T, T) over keys, sink (heads, T) per query; rows sum to 1."""
+
+    layer: int
+    kind: str  # "sliding_attention" or "full_attention"
+    window: int | None
+    probs: torch.Tensor
+    sink: torch.Tensor
+
+    @property
+    def sink_mass_per_head(self) -> torch.Tensor:
+        """Mean over queries of the probability given to the sink, per head (heads,)."""
+        return self.sink.mean(-1)
+
+
+def default_layers(model: nn.Module) -> list[int]:
+    """The first sliding and the first full layer (the two kinds GPT-OSS alternates)."""
+    types = list(_config(model).layer_types)
+    return [types.index(t) for t in ("sliding_attention", "full_attention") if t in types]
+
+
+def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "arch", None) != "gpt_oss":
+        raise AnalysisError(f"{type(model).__name__}: attention maps need a GPT-OSS model (learned sinks)")
+    return cfg
+
+
+def eager_probabilities(q: torch.Tensor, k: torch.Tensor, sinks: torch.Tensor, scale: float,
+                        window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities (B, heads, T, T) and sink share (B, heads, T) for q (B, heads, T, d), k (B, kv, T, d)."""
+    n_heads, n_kv, T = q.shape[1], k.shape[1], q.shape[2]
+    k = k.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads kv head h // (heads / kv)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    pos = torch.arange(T, device=q.device)
+    rel = pos[:, None] - pos[None, :]
+    allowed = rel >= 0
+    if window is not None:
+        allowed &= rel < window  # W keys including itself
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    full = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
+    return full[..., :-1], full[..., -1]
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
+                   ) -> list[AttentionMap]:
+    """Attention maps of the given layers (default: first sliding and first full) for one prompt (1, T)."""
+    from gptoss.model.layers import apply_rotary
+
+    cfg = _config(model)
+    layers = default_layers(model) if layers is None else layers
+    bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
+    if bad:
+        raise AnalysisError(f"layers {bad}: the model has layers 0..{cfg.num_hidden_layers - 1}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1:
+        raise AnalysisError(f"one prompt at a time (got a batch of {input_ids.shape[0]})")
+    captured: dict[int, tuple[torch.Tensor, ...]] = {}
+    hooks = [model.layers[i].self_attn.register_forward_pre_hook(
+        lambda mod, args, i=i: captured.__setitem__(i, args[:3])) for i in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        model(input_ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    maps = []
+    for i in layers:
+        attn = model.layers[i].self_attn
+        x, cos, sin = captured[i]
+        B, T, _ = x.shape
+        q = apply_rotary(attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rotary(attn.k_proj(x).view(B, T, attn.n_kv, attn.head_dim), cos, sin).transpose(1, 2)
+        probs, sink = eager_probabilities(q, k, attn.sinks, attn.scale, attn.window)
+        maps.append(AttentionMap(layer=i, kind=cfg.layer_types[i], window=attn.window,
+                                 probs=probs[0].cpu(), sink=sink[0].cpu()))
+    return maps
+
+
+def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | Path, layers: list[int] | None = None,
+                     tokens: list[str] | None = None) -> dict[str, Path]:
+    """attention.png (per-head maps + sink bars) and attention.md (sink mass per head per layer)."""
+    from gptoss.analysis.plots import plot_attention
+
+    maps = attention_maps(model, input_ids, layers)
+    out = Path(out_dir)
+    paths = {"png": out / "attention.png", "md": out / "attention.md"}
+    plot_attention(maps, paths["png"], tokens=tokens)
+    n_heads = maps[0].probs.shape[0]
+    head = "| layer | kind | " + " | ".join(f"h{h}" for h in range(n_heads)) + " |\n|---|---|" + "---:|" * n_heads
+    rows = [f"| {m.layer} | {m.kind} | " + " | ".join(f"{v:.3f}" for v in m.sink_mass_per_head.tolist()) + " |"
+            for m in maps]
+    paths["md"].write_text(f"Mean probability on the sink per head ({input_ids.numel()} tokens):\n\n"
+                           + head + "\n" + "\n".join(rows) + "\n")
+    return paths
+
+
+def attention_report(model: str | Path, out_dir: str | Path, *, prompt: str | None = None,
+                     prompt_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
+    """The `analyze.py attention` command: load a model, encode the prompt (or take ids), draw the maps."""
+    from gptoss.analysis.loading import encode, load_model, token_strings
+
+    if (prompt is None) == (prompt_ids is None):
+        raise AnalysisError("give --prompt (text) or --prompt_ids (token ids), one of them")
+    net = load_model(model)
+    ids = encode(prompt, net.config.vocab_size) if prompt is not None else list(prompt_ids or [])
+    if not ids or max(ids) >= net.config.vocab_size or min(ids) < 0:
+        raise AnalysisError(f"prompt ids must be in [0, {net.config.vocab_size}) and not empty")
+    return attention_figure(net, torch.tensor([ids]), out_dir, layers, tokens=token_strings(ids))

@@ -1,0 +1,126 @@
+"""Tokens per expert per layer: over training from a run's metrics, or now by running a model on text.
+
+The trainer logs `expert_load` on every logged step: per layer, each expert's share of that step's
+token -> expert assignments (all ranks, sums to 1). A balanced router gives 1/E everywhere; a collapsed
+one puts most of the mass on a few experts, which wastes parameters (the aux loss exists to prevent it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptoss.analysis import AnalysisError
+
+
+def expert_load_from_metrics(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps (n,), load (n, layers, experts)) from the records that carry `expert_load`."""
+    rows = [(r["step"], r["expert_load"]) for r in records if r.get("expert_load")]
+    if not rows:
+        raise AnalysisError("no `expert_load` in these metrics (a GPT-2 run has no experts; the trainer logs it "
+                            "on logged steps of MoE models)")
+    shapes = {np.shape(load) for _, load in rows}
+    if len(shapes) != 1:
+        raise AnalysisError(f"expert_load changes shape across records: {sorted(shapes)}")
+    return np.array([s for s, _ in rows]), np.array([load for _, load in rows], dtype=np.float64)
+
+
+@torch.no_grad()
+def expert_counts_from_model(model: nn.Module, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Assignments per expert per layer (layers, E), summed over forward passes of the given token batches.
+
+    Uses the `expert_counts` the model's forward returns (this rank's experts; ep_size 1 holds them all).
+    """
+    was_training = model.training
+    model.eval()
+    total = None
+    try:
+        for ids in batches:
+            ids = ids.to(next(model.parameters()).device)
+            counts = model(ids).expert_counts
+            if counts is None:
+                raise AnalysisError(f"{type(model).__name__} returns no expert_counts (not a mixture-of-experts "
+                                    "model)")
+            total = counts.double().cpu() if total is None else total + counts.double().cpu()
+    finally:
+        model.train(was_training)
+    if total is None:
+        raise AnalysisError("no token batches to run the model on")
+    return total
+
+
+def token_batches(ids: list[int] | torch.Tensor, seq_len: int, max_batches: int, batch: int = 1
+                  ) -> list[torch.Tensor]:
+    """Consecutive windows of `seq_len` tokens, `batch` per tensor, at most `max_batches` tensors."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = min(len(ids) // seq_len, max_batches * batch)
+    if n == 0:
+        raise AnalysisError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n * seq_len].view(n, seq_len)
+    return list(windows.split(batch))
+
+
+def imbalance(load: np.ndarray) -> np.ndarray:
+    """max share x E per layer (1.0 = perfectly balanced, E = everything on one expert); load (..., E)."""
+    return load.max(-1) * load.shape[-1] / np.maximum(load.sum(-1), 1e-12)
+
+
+def imbalance_markdown(load: np.ndarray, columns: dict[str, int]) -> str:
+    """Per layer, max share x E at the chosen record indices (1.0 = balanced)."""
+    head = "| layer | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+    rows = [f"| {layer} | " + " | ".join(f"{imbalance(load[i, layer]):.2f}" for i in columns.values()) + " |"
+            for layer in range(load.shape[1])]
+    return head + "\n".join(rows) + "\n\nmax share x experts: 1.00 = balanced, E = all tokens on one expert."
+
+
+def expert_usage_from_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """expert_usage_training.png (per-layer heatmaps over steps) and .md (imbalance, first vs last step)."""
+    from gptoss.analysis.plots import plot_expert_load
+    from gptoss.analysis.runs import read_metrics
+
+    steps, load = expert_load_from_metrics(read_metrics(run_dir))
+    out = Path(out_dir)
+    paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md"}
+    plot_expert_load(steps, load, paths["png"], title=f"Expert load over training: {Path(run_dir).name}")
+    cols = {f"step {steps[0]}": 0, f"step {steps[-1]}": len(steps) - 1}
+    paths["md"].write_text(imbalance_markdown(load, cols) + "\n")
+    return paths
+
+
+def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], out_dir: str | Path,
+                            name: str = "model") -> dict[str, Path]:
+    """expert_usage_model.png (layers x experts shares) and .md from running the model on the batches."""
+    from gptoss.analysis.plots import plot_expert_counts
+
+    counts = expert_counts_from_model(model, batches).numpy()
+    out = Path(out_dir)
+    paths = {"png": out / "expert_usage_model.png", "md": out / "expert_usage_model.md"}
+    plot_expert_counts(counts, paths["png"], title=f"Tokens per expert: {name} "
+                                                   f"({int(counts[0].sum()):,} assignments per layer)")
+    share = counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
+    paths["md"].write_text(imbalance_markdown(share[None], {name: 0}) + "\n")
+    return paths
+
+
+def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: str | Path | None = None,
+                 text: str | Path | None = None, seq_len: int = 256, max_batches: int = 8) -> dict[str, Path]:
+    """The `analyze.py expert-usage` command: from a run's metrics, or a model run on text (default: the
+    TinyStories sample shipped with gptoss)."""
+    if (run is None) == (model is None):
+        raise AnalysisError("give --run (metrics over training) or --model (run a model on text), one of them")
+    if run is not None:
+        return expert_usage_from_run(run, out_dir)
+    from gptoss.analysis.loading import encode, load_model
+    from gptoss.data import SAMPLE_PATH
+
+    net = load_model(model)
+    source = Path(text) if text else SAMPLE_PATH
+    if not source.is_file():
+        raise AnalysisError(f"--text {source}: no such file")
+    ids = encode(source.read_text(encoding="utf-8"), net.config.vocab_size)
+    return expert_usage_from_model(net, token_batches(ids, seq_len, max_batches), out_dir, name=Path(model).name)

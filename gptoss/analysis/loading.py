@@ -1,0 +1,45 @@
+"""Models and text for the analysis commands: a trained model from disk, prompts as token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptoss.analysis import AnalysisError
+
+
+def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
+    """An export dir or a run / checkpoint dir, in fp32 eval mode (via `gptoss.generate.load_model`)."""
+    from gptoss.generate import load_model as _load
+
+    if not Path(path).exists():
+        raise AnalysisError(f"{path}: no such export or run dir")
+    return _load(path, device=device, dtype="fp32")
+
+
+def encode(text: str, vocab_size: int) -> list[int]:
+    """o200k_harmony ids of text, checked against the model's vocabulary (test models use small ones)."""
+    from gptoss.tokenizer import encode as _encode
+
+    ids = _encode(text)
+    if not ids:
+        raise AnalysisError("the text is empty")
+    if max(ids) >= vocab_size:
+        raise AnalysisError(f"the tokenizer gives ids up to {max(ids)} but the model's vocabulary has {vocab_size} "
+                            "entries; pass token ids directly for a small-vocabulary model")
+    return ids
+
+
+def token_strings(ids: list[int] | torch.Tensor) -> list[str]:
+    """Each id decoded alone (axis labels); ids outside the tokenizer show as #id."""
+    from gptoss.tokenizer import decode
+
+    out = []
+    for i in torch.as_tensor(ids).flatten().tolist():
+        try:
+            out.append(decode([i]).replace("\n", "\\n") or f"#{i}")
+        except Exception:  # noqa: BLE001 (a reserved or unknown id: label it by number)
+            out.append(f"#{i}")
+    return out

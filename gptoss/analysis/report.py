@@ -1,0 +1,130 @@
+"""Architecture report: parameters total vs active, KV-cache bytes per token (MHA vs GQA vs GQA + sliding
+window) and FLOPs per token, as a markdown table and a bar chart.
+
+Every number comes from `gptoss.config` (`param_counts`, `flops_per_token`, `kv_cache_bytes_per_token`);
+this module only selects and formats them, so the report cannot drift from what training logs as MFU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gptoss.analysis import AnalysisError
+from gptoss.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    flops_per_token,
+    get_config,
+    kv_cache_bytes_per_token,
+    param_counts,
+)
+
+KV_KINDS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "GQA + sliding window"}
+
+
+def resolve_config(spec: str) -> ModelConfig:
+    """A preset name, a ModelConfig JSON, a transformers config.json, or a run / export dir holding one."""
+    if spec in PRESETS:
+        return get_config(spec)
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("gptoss_config.json", "model_config.json", "config.json"):
+            if (path / name).is_file():
+                return resolve_config(str(path / name))
+        raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
+    if not path.is_file():
+        raise AnalysisError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a JSON file or a run/export dir")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnalysisError(f"{path}: not valid JSON ({e})") from e
+    if d.get("model_type") == "gpt_oss":  # a transformers config.json (an export)
+        from gptoss.hf import from_hf_config
+
+        return from_hf_config(d)
+    try:
+        return ModelConfig.from_dict(d, source=str(path))
+    except (ConfigError, TypeError) as e:
+        raise AnalysisError(str(e)) from e
+
+
+def architecture_numbers(cfg: ModelConfig, context: int, bytes_per_elem: int = 2) -> dict[str, Any]:
+    """The report's numbers for one model at one context length (KV bytes at `bytes_per_elem`, bf16 = 2)."""
+    p = param_counts(cfg)
+    kv = kv_cache_bytes_per_token(cfg, context, bytes_per_elem)
+    return {
+        "params": p,
+        "kv_bytes_per_token": kv,
+        "kv_bytes_at_context": {k: v * context for k, v in kv.items()},
+        "flops_per_token_train": flops_per_token(cfg, context, training=True),
+        "flops_per_token_infer": flops_per_token(cfg, context, training=False),
+        "context": context,
+        "bytes_per_elem": bytes_per_elem,
+    }
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:,.3f}{unit}"
+    return f"{n:,.0f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:
+    """One column per model; exact counts in parentheses where rounding would hide them."""
+    names = list(numbers)
+    first = numbers[names[0]]
+    ctx, bpe = first["context"], first["bytes_per_elem"]
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, fmt: Any, get: Any) -> None:
+        rows.append((label, [fmt(get(numbers[n])) for n in names]))
+
+    exact = lambda n: f"{_count(n)} ({n:,})"  # noqa: E731
+    add("parameters, total", exact, lambda x: x["params"]["total"])
+    add("parameters, active per token", exact, lambda x: x["params"]["active"])
+    add("total excl. unembedding", exact, lambda x: x["params"]["total_excl_unembedding"])
+    add("active excl. unembedding", exact, lambda x: x["params"]["active_excl_unembedding"])
+    add("active / total", lambda v: f"{v:.1%}", lambda x: x["params"]["active"] / x["params"]["total"])
+    for key, label in KV_KINDS.items():
+        add(f"KV cache per token, {label}", _bytes, lambda x, k=key: x["kv_bytes_per_token"][k])
+    for key, label in KV_KINDS.items():
+        add(f"KV cache for {ctx:,} tokens, {label}", _bytes, lambda x, k=key: x["kv_bytes_at_context"][k])
+    add("FLOPs per token, training (fwd + bwd)", lambda v: f"{v / 1e9:,.3f} G", lambda x: x["flops_per_token_train"])
+    add("FLOPs per token, inference (fwd)", lambda v: f"{v / 1e9:,.3f} G", lambda x: x["flops_per_token_infer"])
+    header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    body = "\n".join(f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows)
+    note = (f"\n\nContext {ctx:,} tokens; KV cache at {bpe} bytes per element; the sliding-window column counts "
+            "each sliding layer's window (its ring buffer) spread over the context. Training FLOPs = 3x forward "
+            "(PaLM MFU convention), attention with the causal / windowed span. Source: gptoss.config "
+            "param_counts, kv_cache_bytes_per_token, flops_per_token.")
+    return header + body + note
+
+
+def write_report(models: list[str], out_dir: str | Path, context: int = 4096,
+                 bytes_per_elem: int = 2) -> dict[str, Path]:
+    """report.md and report.png (+ report.json with the raw numbers) in out_dir; returns their paths."""
+    from gptoss.analysis.plots import plot_report
+
+    if context < 1:
+        raise AnalysisError(f"--context {context}: must be >= 1")
+    numbers = {spec if spec in PRESETS else Path(spec).stem: architecture_numbers(resolve_config(spec), context,
+                                                                                   bytes_per_elem)
+               for spec in models}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "report.md", "png": out / "report.png", "json": out / "report.json"}
+    paths["md"].write_text(report_markdown(numbers) + "\n")
+    paths["json"].write_text(json.dumps(numbers, indent=2) + "\n")
+    plot_report(numbers, paths["png"])
+    return paths

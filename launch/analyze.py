@@ -1,0 +1,99 @@
+"""Pictures and tables of a model or a run (PNG + markdown written to --out).
+
+    python launch/analyze.py report --model nano --out out/report               # params, KV cache, FLOPs
+    python launch/analyze.py report --model gpt-oss-20b,gpt-oss-120b --context 131072 --out out/report
+    python launch/analyze.py expert-usage --run runs/nano --out out/experts     # load over training
+    python launch/analyze.py expert-usage --model exports/nano --out out/experts  # run it on sample stories
+    python launch/analyze.py attention --model exports/nano --prompt "Once upon a time" --out out/attention
+
+--model of expert-usage / attention: an export dir (launch/export.py) or a run / checkpoint dir.
+--model of report: a preset (nano, tiny, gpt2-nano, gpt-oss-20b, gpt-oss-120b), a config JSON, or a dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("report", help="parameters total/active, KV cache per token, FLOPs per token")
+    r.add_argument("--model", default="nano", help="preset, config JSON or dir; comma-separated for several "
+                   "(default: %(default)s)")
+    r.add_argument("--context", type=int, default=4096, help="context length for KV cache and attention FLOPs "
+                   "(default: %(default)s)")
+    r.add_argument("--bytes_per_elem", type=int, default=2, help="KV cache element size, 2 = bf16 "
+                   "(default: %(default)s)")
+
+    e = sub.add_parser("expert-usage", help="tokens per expert per layer, over training or on text")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run dir: heatmaps of the logged expert_load over training")
+    src.add_argument("--model", help="export or run dir: run the model on --text and count assignments")
+    e.add_argument("--text", default=None, help="text file for --model (default: the shipped TinyStories sample)")
+    e.add_argument("--seq_len", type=int, default=256, help="tokens per forward pass (default: %(default)s)")
+    e.add_argument("--max_batches", type=int, default=8, help="forward passes at most (default: %(default)s)")
+
+    a = sub.add_parser("attention", help="per-head attention maps of a sliding and a full layer, sink mass")
+    a.add_argument("--model", required=True, help="export or run dir")
+    prompt = a.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (o200k_harmony)")
+    prompt.add_argument("--prompt_ids", help="prompt as comma-separated token ids (small-vocabulary models)")
+    a.add_argument("--layers", default=None, help="comma-separated layer indices (default: the first sliding "
+                   "and the first full layer)")
+
+    for s in (r, e, a):
+        s.add_argument("--out", default="out/analysis", help="output dir (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"analyze.py: error: {flag} {text!r}: expected comma-separated integers") from None
+
+
+def run(args: argparse.Namespace) -> dict[str, Path]:
+    if args.command == "report":
+        from gptoss.analysis.report import write_report
+
+        return write_report(args.model.split(","), args.out, args.context, args.bytes_per_elem)
+    if args.command == "expert-usage":
+        from gptoss.analysis.experts import expert_usage
+
+        return expert_usage(args.out, run=args.run, model=args.model, text=args.text, seq_len=args.seq_len,
+                            max_batches=args.max_batches)
+    from gptoss.analysis.attention import attention_report
+
+    return attention_report(args.model, args.out, prompt=args.prompt,
+                            prompt_ids=_ints(args.prompt_ids, "--prompt_ids"), layers=_ints(args.layers, "--layers"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from gptoss.analysis import AnalysisError
+    from gptoss.config import ConfigError
+    from gptoss.export import ExportError
+    from gptoss.generate import SampleError
+    from gptoss.tokenizer import TokenizerError
+
+    try:
+        paths = run(args)
+    except (AnalysisError, ConfigError, ExportError, SampleError, TokenizerError) as e:
+        print(f"analyze.py: error: {e}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind:>4}: {path}")
+    if "md" in paths:
+        print("\n" + paths["md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

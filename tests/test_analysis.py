@@ -1,0 +1,305 @@
+"""Analysis: each command writes its files from a tiny model or a synthetic run, and the numbers it reports
+are the ones gptoss.config computes (no second copy of the arithmetic)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptoss.analysis import AnalysisError
+from gptoss.analysis.attention import attention_figure, attention_maps, default_layers
+from gptoss.analysis.compare import compare, summarize, train_command
+from gptoss.analysis.experts import (
+    expert_counts_from_model,
+    expert_usage_from_model,
+    expert_usage_from_run,
+    token_batches,
+)
+from gptoss.analysis.report import architecture_numbers, report_markdown, resolve_config, write_report
+from gptoss.analysis.runs import load_run, training_seconds
+from gptoss.config import flops_per_token, get_config, kv_cache_bytes_per_token, param_counts
+from gptoss.hf import hf_config
+from gptoss.model import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model(get_config("tiny", vocab_size=512))
+    with torch.no_grad():  # non-zero sinks, so the sink column matters
+        for block in model.layers:
+            block.self_attn.sinks.normal_(0, 1.0)
+    return model.eval()
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000, f"{path}: not a drawn PNG"
+
+
+def launch_main(name: str):  # noqa: ANN201 (the script's main function)
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def write_run(run_dir: Path, cfg_name: str, records: list[dict]) -> Path:
+    run_dir.mkdir(parents=True)
+    get_config(cfg_name, vocab_size=512).save(run_dir / "model_config.json")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def synthetic_records(steps: int = 12, layers: int = 2, experts: int = 4, loss0: float = 6.0,
+                      tps: float = 1000.0, with_load: bool = True) -> list[dict]:
+    """What gptoss.train logs: a record per step, val_loss every 4 steps; expert 0 grows overloaded."""
+    records = []
+    for step in range(1, steps + 1):
+        r = {"step": step, "tokens": 512 * step, "loss": loss0 / (1 + 0.1 * step), "tokens_per_s": tps}
+        if with_load:
+            hot = 0.25 + 0.3 * step / steps
+            r["expert_load"] = [[hot] + [(1 - hot) / (experts - 1)] * (experts - 1) for _ in range(layers)]
+        if step % 4 == 0:
+            r["val_loss"] = loss0 / (1 + 0.08 * step)
+        records.append(r)
+    return records
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tiny", "nano", "gpt2-nano", "gpt-oss-20b", "gpt-oss-120b"])
+def test_report_numbers_are_config_arithmetic(name):
+    cfg = get_config(name)
+    n = architecture_numbers(cfg, context=4096)
+    assert n["params"] == param_counts(cfg)
+    assert n["flops_per_token_train"] == flops_per_token(cfg, 4096, training=True)
+    assert n["flops_per_token_infer"] == flops_per_token(cfg, 4096, training=False)
+    assert n["kv_bytes_per_token"] == kv_cache_bytes_per_token(cfg, 4096, 2)
+    assert n["kv_bytes_at_context"]["gqa"] == 4096 * kv_cache_bytes_per_token(cfg, 4096, 2)["gqa"]
+
+
+def test_write_report_files_hold_the_config_numbers(tmp_path):
+    paths = write_report(["nano", "gpt-oss-20b"], tmp_path, context=8192)
+    assert_png(paths["png"])
+    md = paths["md"].read_text()
+    saved = json.loads(paths["json"].read_text())
+    for name in ("nano", "gpt-oss-20b"):
+        p = param_counts(get_config(name))
+        assert f"({p['total']:,})" in md and f"({p['active']:,})" in md
+        assert saved[name]["params"] == p
+        assert saved[name]["flops_per_token_train"] == flops_per_token(get_config(name), 8192)
+    assert "20.915B" in md and "3.608B" in md  # OpenAI's quoted totals (excl. unembedding) for 20b
+
+
+def test_report_reads_presets_config_files_and_dirs(tmp_path):
+    cfg = get_config("nano", vocab_size=1000)
+    cfg.save(tmp_path / "mine.json")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text(json.dumps(hf_config(cfg)))
+    (tmp_path / "run").mkdir()
+    cfg.save(tmp_path / "run" / "model_config.json")
+    assert resolve_config("gpt-oss-20b") == get_config("gpt-oss-20b")
+    assert resolve_config(str(tmp_path / "mine.json")) == cfg
+    assert resolve_config(str(tmp_path / "run")) == cfg
+    assert param_counts(resolve_config(str(tmp_path / "export"))) == param_counts(cfg)
+    with pytest.raises(AnalysisError, match="not a preset"):
+        resolve_config(str(tmp_path / "missing.json"))
+
+
+def test_report_markdown_has_one_column_per_model():
+    md = report_markdown({n: architecture_numbers(get_config(n), 1024) for n in ("tiny", "nano")})
+    assert md.splitlines()[0] == "| | tiny | nano |"
+    assert "KV cache per token, GQA + sliding window" in md
+
+
+# ---- runs and comparison -----------------------------------------------------------------------------
+
+def test_training_seconds_rebuilt_from_throughput():
+    records = [{"step": 2, "tokens": 100, "tokens_per_s": 50.0},   # 2 s
+               {"step": 3, "tokens": 150, "val_loss": 1.0},        # eval between logs: next record's rate
+               {"step": 4, "tokens": 200, "tokens_per_s": 100.0},  # +1 s
+               {"step": 5, "tokens": 250, "val_loss": 0.9}]        # after the last log: the last rate
+    assert training_seconds(records) == pytest.approx([2.0, 2.5, 3.0, 3.5])
+    assert training_seconds([{"tokens": 1, "elapsed_s": 7.0}]) == [7.0]
+
+
+def test_compare_existing_runs(tmp_path):
+    a = write_run(tmp_path / "tiny", "tiny", synthetic_records(tps=2000.0))
+    b = write_run(tmp_path / "gpt2-tiny", "gpt2-tiny", synthetic_records(loss0=6.5, with_load=False))
+    paths = compare(tmp_path / "out", runs=[a, b])
+    assert_png(paths["png"])
+    md = paths["md"].read_text()
+    rows = {r["run"]: r for r in summarize([load_run(a), load_run(b)])}
+    assert rows["tiny"]["params_total"] == param_counts(get_config("tiny", vocab_size=512))["total"]
+    assert rows["gpt2-tiny"]["arch"] == "gpt2"
+    assert rows["tiny"]["final_val_loss"] == pytest.approx(6.0 / (1 + 0.08 * 12))
+    assert rows["tiny"]["tokens_per_s"] == pytest.approx(2000.0)
+    assert rows["tiny"]["train_seconds"] == pytest.approx(12 * 512 / 2000.0)
+    assert f"{rows['tiny']['final_val_loss']:.4f}" in md and "| gpt2-tiny | gpt2 |" in md
+
+
+def test_compare_needs_validation_loss(tmp_path):
+    records = [{k: v for k, v in r.items() if k != "val_loss"} for r in synthetic_records()]
+    run = write_run(tmp_path / "r", "tiny", records)
+    with pytest.raises(AnalysisError, match="validation"):
+        compare(tmp_path / "out", runs=[run])
+
+
+def test_train_command_gives_every_model_the_same_flags(tmp_path):
+    kw = dict(ds_config="ds_configs/cpu.json", seq_len=64, eval_every=5, log_every=1, max_steps=10)
+    a = train_command("tiny", "data", tmp_path / "a", **kw)
+    b = train_command("gpt2-tiny", "data", tmp_path / "b", **kw)
+    differ = {i for i, (x, y) in enumerate(zip(a, b)) if x != y}
+    assert len(a) == len(b) and {a[i - 1] for i in differ} == {"--model", "--out"}
+    with pytest.raises(AnalysisError):
+        train_command("tiny", "data", tmp_path, ds_config="x", seq_len=64, eval_every=5, log_every=1)
+
+
+def test_compare_cli_user_errors_are_one_line(tmp_path, capsys):
+    main = launch_main("compare")
+    assert main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["--models", "tiny,gpt2-tiny", "--out", str(tmp_path / "o"), "--data", "d"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("compare.py: error:") for line in err)
+
+
+# ---- experts -----------------------------------------------------------------------------------------
+
+def test_expert_usage_from_run_metrics(tmp_path):
+    run = write_run(tmp_path / "run", "tiny", synthetic_records(steps=12, layers=2, experts=4))
+    paths = expert_usage_from_run(run, tmp_path / "out")
+    assert_png(paths["png"])
+    md = paths["md"].read_text()
+    assert "| 0 | 1.10 | 2.20 |" in md  # max share x E at the first (0.275) and last (0.55) logged step
+
+
+def test_expert_usage_needs_expert_load(tmp_path):
+    run = write_run(tmp_path / "run", "gpt2-tiny", synthetic_records(with_load=False))
+    with pytest.raises(AnalysisError, match="expert_load"):
+        expert_usage_from_run(run, tmp_path / "out")
+
+
+def test_expert_counts_from_model_sum_the_forward_counts(tmp_path):
+    model = tiny_model()
+    ids = torch.randint(0, 512, (3 * 32,), generator=torch.Generator().manual_seed(0))
+    batches = token_batches(ids, seq_len=32, max_batches=3)
+    counts = expert_counts_from_model(model, batches)
+    cfg = model.config
+    assert counts.shape == (cfg.num_hidden_layers, cfg.num_local_experts)
+    assert torch.all(counts.sum(-1) == 96 * cfg.num_experts_per_tok)  # every token picks k experts per layer
+    with torch.no_grad():
+        direct = sum(model(b).expert_counts.double() for b in batches)
+    assert torch.equal(counts, direct)
+    paths = expert_usage_from_model(model, batches, tmp_path, name="tiny")
+    assert_png(paths["png"])
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+
+def test_attention_maps_reproduce_the_layer_output():
+    """probs @ V through o_proj equals what the layer computed in the model's own forward pass."""
+    model = tiny_model(1)
+    cfg = model.config
+    ids = torch.randint(0, 512, (1, 3 * cfg.sliding_window), generator=torch.Generator().manual_seed(1))
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [model.layers[i].self_attn.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, (args[0], out))) for i in range(cfg.num_hidden_layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    maps = attention_maps(model, ids, layers=list(range(cfg.num_hidden_layers)))
+    for m in maps:
+        attn = model.layers[m.layer].self_attn
+        x, out = seen[m.layer]
+        T = x.shape[1]
+        with torch.no_grad():
+            v = attn.v_proj(x).view(1, T, attn.n_kv, attn.head_dim).transpose(1, 2)
+            v = v.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)[0]  # (heads, T, d)
+            mixed = torch.matmul(m.probs, v).transpose(0, 1).reshape(1, T, -1)
+            assert (attn.o_proj(mixed) - out).abs().max().item() < 1e-5
+        rows = m.probs.sum(-1) + m.sink
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
+        assert torch.all(m.probs.triu(1) == 0)  # causal
+        if m.kind == "sliding_attention":
+            assert torch.all(m.probs.tril(-cfg.sliding_window) == 0)  # W keys including itself
+            assert m.probs[:, -1, -cfg.sliding_window].min() > 0
+    assert [m.kind for m in maps] == cfg.layer_types
+
+
+def test_attention_figure_and_sink_table(tmp_path):
+    model = tiny_model(2)
+    assert default_layers(model) == [0, 1]
+    ids = torch.randint(0, 512, (1, 20))
+    paths = attention_figure(model, ids, tmp_path, tokens=[f"t{i}" for i in range(20)])
+    assert_png(paths["png"])
+    md = paths["md"].read_text()
+    maps = attention_maps(model, ids)
+    assert f"{maps[0].sink_mass_per_head[0].item():.3f}" in md
+    with pytest.raises(AnalysisError, match="layers"):
+        attention_maps(model, ids, layers=[5])
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def test_analyze_cli_report_and_user_error(tmp_path, capsys):
+    main = launch_main("analyze")
+    assert main(["report", "--model", "gpt-oss-120b", "--out", str(tmp_path), "--context", "131072"]) == 0
+    assert_png(tmp_path / "report.png")
+    assert f"{param_counts(get_config('gpt-oss-120b'))['total']:,}" in capsys.readouterr().out
+    assert main(["report", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("analyze.py: error:")
+
+
+def test_analyze_cli_on_an_export_and_a_run(tmp_path, capsys):
+    from gptoss.export import save_model
+
+    export = save_model(tiny_model(3), tmp_path / "export")
+    main = launch_main("analyze")
+    assert main(["attention", "--model", str(export), "--prompt_ids", ",".join(map(str, range(1, 40))),
+                 "--out", str(tmp_path / "att")]) == 0
+    assert_png(tmp_path / "att" / "attention.png")
+    # the o200k tokenizer's ids do not fit a 512-token test vocabulary: a one-line user error
+    assert main(["expert-usage", "--model", str(export), "--out", str(tmp_path / "e")]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    run = write_run(tmp_path / "run", "tiny", synthetic_records())
+    assert main(["expert-usage", "--run", str(run), "--out", str(tmp_path / "e")]) == 0
+    assert_png(tmp_path / "e" / "expert_usage_training.png")
+
+
+def test_launch_scripts_run_as_scripts(tmp_path):
+    """The real entry points (fresh interpreter, repo root as cwd): help, and a report end to end."""
+    out = subprocess.run([sys.executable, "launch/analyze.py", "report", "--model", "nano", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "report.md").is_file()
+    helped = subprocess.run([sys.executable, "launch/compare.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "--runs" in helped.stdout
+
+
+@pytest.mark.slow
+def test_compare_trains_both_models_with_the_trainer(tmp_path, tiny_data):
+    """End to end with launch/train.py: same flags, both runs evaluated, plot and table written."""
+    gpt2 = tmp_path / "gpt2.json"
+    get_config("gpt2-tiny", vocab_size=512).save(gpt2)
+    paths = compare(tmp_path / "cmp", models=[str(tiny_data / "model.json"), str(gpt2)], data=tiny_data,
+                    ds_config=str(REPO / "ds_configs" / "cpu.json"), max_steps=6, seq_len=32, eval_every=3,
+                    log_every=1, log=lambda _: None)
+    assert_png(paths["png"])
+    runs = [load_run(tmp_path / "cmp" / name) for name in ("model", "gpt2")]
+    assert runs[0].records[-1]["tokens"] == runs[1].records[-1]["tokens"]  # same budget
+    assert all(len(r.val_curve()[0]) == 2 for r in runs)
+    assert np.isfinite([r.val_curve()[2][-1] for r in runs]).all()

@@ -73,29 +73,25 @@ def banded_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.reshape(B, nh, nb * W, d)[:, :, :T]
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_with_sink_mask(T: int, device: torch.device) -> torch.Tensor:
-    """(T, T+1) bool: key 0 is the sink (seen by all), key j+1 is position j (causal)."""
-    return torch.ones(T, T + 1, dtype=torch.bool, device=device).tril(diagonal=1)
-
-
 def sink_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    """Full causal attention with sinks through SDPA: one extra dimension and one extra key.
+    """Full causal attention with sinks through SDPA's fused causal kernel: one extra dimension, one extra key.
 
-    Queries carry sink_h in the extra dimension; the extra key is zero except 1/scale there, so its
-    score is exactly sink_h; its value is zero, so it only adds exp(sink_h) to the denominator.
+    Queries carry sink_h in the extra dimension; the extra key (position 0) is zero except 1/scale there, so
+    its score is exactly sink_h; its value is zero, so it only adds exp(sink_h) to the denominator. A dummy
+    query in front keeps plain `is_causal` right (real query i sees the sink and keys 0..i), and v gets a
+    zero column so q, k and v share a head size, which the fused (flash) kernel needs: O(T) memory.
     """
     B, nh, T, d = q.shape
     n_kv = k.shape[1]
     q1 = torch.cat([q, sinks.view(1, nh, 1, 1).to(q.dtype).expand(B, nh, T, 1)], dim=-1)
-    k1 = torch.cat([k, k.new_zeros(B, n_kv, T, 1)], dim=-1)
+    q1 = torch.cat([q1.new_zeros(B, nh, 1, d + 1), q1], dim=2)  # (B, nh, T+1, d+1)
     sink_key = k.new_zeros(B, n_kv, 1, d + 1)
     sink_key[..., -1] = 1.0 / scale
-    k1 = torch.cat([sink_key, k1], dim=2)
-    v1 = torch.cat([v.new_zeros(B, n_kv, 1, d), v], dim=2)
-    return F.scaled_dot_product_attention(q1, k1, v1, attn_mask=_causal_with_sink_mask(T, q.device),
-                                          scale=scale, enable_gqa=n_kv != nh)
+    k1 = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, n_kv, T+1, d+1)
+    v1 = F.pad(v, (0, 1, 1, 0))  # zero sink value in front, zero extra column
+    out = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale, enable_gqa=n_kv != nh)
+    return out[:, :, 1:, :d]
 
 
 @functools.lru_cache(maxsize=16)

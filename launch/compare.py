@@ -2,7 +2,7 @@
 
     python launch/prepare_data.py --sample --out data/sample
     python launch/compare.py --models tiny,gpt2-tiny --data data/sample --out runs/compare-tiny \\
-        --max_steps 200 --seq_len 256 --eval_every 20                            # CPU scale, minutes
+        --max_steps 60 --seq_len 64 --eval_every 10                              # CPU scale, ~10 min
     python launch/compare.py --models nano,gpt2-nano --ds_config ds_configs/a40.json \\
         --data data/tinystories --out runs/compare-nano --tokens 500000000      # one GPU
     python launch/compare.py --runs runs/compare-nano/nano,runs/compare-nano/gpt2-nano --out runs/compare-nano
@@ -29,9 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max_steps", type=int, default=None, help="optimizer steps per model")
     budget.add_argument("--tokens", type=int, default=None, help="tokens per model (steps derived by the trainer)")
-    p.add_argument("--seq_len", type=int, default=256, help="training sequence length (default: %(default)s)")
-    p.add_argument("--eval_every", type=int, default=20, help="evaluate every N steps (default: %(default)s)")
-    p.add_argument("--log_every", type=int, default=5, help="log every N steps (default: %(default)s)")
+    p.add_argument("--seq_len", type=int, default=1024,
+                   help="training sequence length (default: %(default)s, the trainer's)")
+    p.add_argument("--eval_every", type=int, default=200, help="evaluate every N steps (default: %(default)s)")
+    p.add_argument("--log_every", type=int, default=10, help="log every N steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default: %(default)s)")
     return p.parse_args(argv)
 

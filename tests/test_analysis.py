@@ -290,9 +290,9 @@ def test_launch_scripts_run_as_scripts(tmp_path):
     assert helped.returncode == 0 and "--runs" in helped.stdout
 
 
-@pytest.mark.slow
 def test_compare_trains_both_models_with_the_trainer(tmp_path, tiny_data):
-    """End to end with launch/train.py: same flags, both runs evaluated, plot and table written."""
+    """End to end with launch/train.py (512-token vocabulary, ~10 s): same flags, both runs evaluated, plot and
+    table written."""
     gpt2 = tmp_path / "gpt2.json"
     get_config("gpt2-tiny", vocab_size=512).save(gpt2)
     paths = compare(tmp_path / "cmp", models=[str(tiny_data / "model.json"), str(gpt2)], data=tiny_data,

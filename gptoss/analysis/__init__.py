@@ -8,6 +8,7 @@
 - `attention`: per-head attention probabilities and sink mass, recomputed with the eager formula.
 - `report`: parameters, KV-cache bytes and FLOPs per token, all from `gptoss.config` arithmetic.
 - `plots`: the matplotlib (Agg, PNG) figures of all of the above.
+- `loading`: a trained model from an export or run dir, prompts as token ids (for the commands).
 
 Functions take an `nn.Module` or a list of metric records, so tests use tiny models built in memory;
 the command-line tools (`launch/analyze.py`, `launch/compare.py`) load models with

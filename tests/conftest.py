@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from gptoss.config import get_config
 
@@ -115,3 +116,12 @@ def call_main(capsys, monkeypatch, tiny_data: Path, out: Path, ds: dict | None =
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: "), err
     return err[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decoding a tiny model is thousands of tiny ops; a second thread only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -57,13 +57,7 @@ def ours_from(path: Path, **kw) -> torch.nn.Module:
     return model_from_state_dict(cfg, {k: v.float() for k, v in state.items()}).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding a tiny model is thousands of tiny ops; a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: see conftest.one_thread
 
 
 def tokens(vocab: int, batch: int = 2, length: int = 40, seed: int = 0) -> torch.Tensor:

@@ -28,13 +28,7 @@ SAMPLE = REPO / "launch" / "sample.py"
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding a tiny model is thousands of tiny ops; a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: see conftest.one_thread
 
 
 def tiny_model(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -27,13 +27,16 @@ transformers = pytest.importorskip("transformers")
 TRAIN = REPO / "launch" / "train.py"
 EXPORT = REPO / "launch" / "export.py"
 CPU_CONFIG = REPO / "ds_configs" / "cpu.json"
-# bf16 weights computed in bf16 (logits of this tiny model are about +-0.7): ours stays within 4e-3 of the
-# fp32 computation on the same weights (measured max 3.7e-3), so we assert 1e-2. transformers' bf16 path
-# drifts more at a few positions (max 0.13, 99.9th percentile 0.05: its bf16 router/expert rounding
-# picks other experts there), so against it only the mean difference is tight (measured 7e-4).
-# In fp32 from the same bf16 weights the two agree to float tolerance (1e-4).
+# bf16 weights computed in bf16 (logits of this tiny model are about +-0.7) stay within 1e-2 of the fp32
+# computation on the same weights (measured max 3.2e-3), except where the router's k-th and (k+1)-th expert
+# are nearly tied: bf16 rounding then picks the other expert and that position's logits move by ~0.13, in
+# ours and in transformers alike (measured: 2 of 80 positions, fp32 margins 3e-4 and 8e-4). So the max
+# tolerance applies to positions whose fp32 routing margin exceeds BF16_ROUTER_MARGIN in every layer
+# (measured: 88% of positions).
+# In fp32 from the same bf16 weights ours and transformers agree to float tolerance (1e-4).
 BF16_OURS_ATOL = 1e-2
-BF16_VS_HF_MEAN_ATOL = 5e-3
+BF16_ROUTER_MARGIN = 5e-3
+BF16_MEAN_ATOL = 5e-3
 
 
 def train(tiny_data: Path, out: Path, *extra: str, nproc: int = 1, model: Path | None = None,
@@ -74,6 +77,28 @@ def load_script(path: Path):
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def clear_routing(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B*T,) bool: positions whose k-th router logit beats the (k+1)-th by BF16_ROUTER_MARGIN in every layer."""
+    margins = []
+    hooks = [block.mlp.router.register_forward_hook(
+        lambda mod, args, out, k=block.mlp.top_k: margins.append(
+            (lambda s: s[..., k - 1] - s[..., k])(out.float().sort(-1, descending=True).values).flatten()))
+        for block in model.layers]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(margins).amin(0) > BF16_ROUTER_MARGIN
+
+
+def assert_bf16_close(logits: torch.Tensor, ref: torch.Tensor, clear: torch.Tensor) -> None:
+    """bf16 logits vs the fp32 reference: tight where routing is unambiguous, small on average everywhere."""
+    assert clear.float().mean() > 0.5, "too few positions with clear routing to judge bf16"
+    per_position = (logits - ref).abs().amax(-1).flatten()
+    assert per_position[clear].max().item() < BF16_OURS_ATOL, per_position.topk(5)
+    assert (logits - ref).abs().mean().item() < BF16_MEAN_ATOL
 
 
 def no_partial_dirs(parent: Path) -> bool:
@@ -335,6 +360,8 @@ def test_bf16_ep2_export_and_fp32_master_weights(tiny_data, tmp_path, zero):
         ref = ours(x).logits
         hf16 = hf_load(out, torch.bfloat16)(x).logits.float()
         ours16 = model_from_state_dict(*load_state_dict(run)).to(torch.bfloat16).eval()(x).logits.float()
-        assert max_diff(ours16, ref) < BF16_OURS_ATOL
-        assert (hf16 - ours16).abs().mean().item() < BF16_VS_HF_MEAN_ATOL
+        clear = clear_routing(ours, x)
+        assert_bf16_close(ours16, ref, clear)
+        assert_bf16_close(hf16, ref, clear)
+        assert (hf16 - ours16).abs().mean().item() < BF16_MEAN_ATOL
         assert max_diff(hf_load(out32)(x).logits, ours_from(run, master_weights=True)(x).logits) < 1e-4

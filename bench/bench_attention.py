@@ -198,11 +198,7 @@ def main() -> None:
     p.add_argument("--kernels", default="ours,proposed,hf", help="from ours, proposed, hf (default: %(default)s)")
     p.add_argument("--max_call_s", type=float, default=60.0,
                    help="stop a kernel before a length predicted to need more than this for all its calls")
-    p.add_argument("--max_load", type=float, default=2.5,
-                   help="wait (up to --wait_s) for the 1-min load average to fall to this before each "
-                   "kernel (our own previous worker leaves ~2 on 2 cores; more means other jobs); "
-                   "negative: do not wait (default: %(default)s)")
-    p.add_argument("--wait_s", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    common.add_quiet_machine_args(p)
     p.add_argument("--png", default=None, help="also save a log-log plot of time vs T here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -79,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--skip_recompute", action="store_true", help="do not time the no-cache path")
-    ap.add_argument("--max_load", type=float, default=1.0,
-                    help="wait for the 1-min load average to drop to this before each timing; < 0: no wait "
-                    "(default: %(default)s)")
-    ap.add_argument("--wait_s", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    common.add_quiet_machine_args(ap, max_load=1.0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -293,11 +293,7 @@ def main() -> None:
     p.add_argument("--breakdown", action="store_true", help="time each component alone instead of full steps")
     p.add_argument("--probe", action="store_true",
                    help="only check which transformers attn_implementation values load and train on CPU")
-    p.add_argument("--max_load", type=float, default=2.5,
-                   help="before each measurement wait (up to --wait_s) for the 1-min load average to fall "
-                   "to this (our own previous worker leaves ~2 on 2 cores; more means other jobs); "
-                   "negative: do not wait (default: %(default)s)")
-    p.add_argument("--wait_s", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    common.add_quiet_machine_args(p)
     p.add_argument("--timeout_s", type=float, default=600.0, help="limit per worker process, s")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe_attn", default=None, help=argparse.SUPPRESS)

@@ -14,6 +14,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -72,6 +73,15 @@ def machine_line(info: dict[str, Any]) -> str:
     tf = f", transformers {info['transformers']}" if info.get("transformers") else ""
     return (f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
             f"torch {info['torch']}{tf}; 1-min load average at start {info['load']:.2f}.")
+
+
+def add_quiet_machine_args(parser: argparse.ArgumentParser, max_load: float = 2.5) -> None:
+    """--max_load / --wait_s: every benchmark waits for other jobs to finish before it times anything."""
+    parser.add_argument("--max_load", type=float, default=max_load,
+                        help="before each measurement wait (up to --wait_s) for the 1-min load average to fall "
+                        "to this (a previous worker process of ours leaves ~2 on 2 cores; more means other "
+                        "jobs); negative: do not wait (default: %(default)s)")
+    parser.add_argument("--wait_s", type=float, default=120.0, help="longest wait for a quiet machine, s")
 
 
 def wait_until_quiet(max_load: float, timeout_s: float, poll_s: float = 5.0) -> float:

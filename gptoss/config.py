@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptoss.errors import UserError
+
 O200K_HARMONY_VOCAB = 201088
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value is invalid; the message names the key and what was expected."""
 
 
@@ -118,14 +120,21 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: model config file not found")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ConfigError, label: str | None = None) -> dict:
+    """The JSON object in a file; `error` names the file (or `label`) when it is missing, bad JSON or not an object."""
+    path, label = Path(path), label or str(path)
+    if not path.is_file():
+        raise error(f"{label}: file not found")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{label}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise error(f"{label}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 YARN_131K = {

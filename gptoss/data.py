@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptoss.errors import UserError
 from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_encoding
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ _TEST_FILE = re.compile(r"(^|[-_. ])test([-_. ]|$)", re.IGNORECASE)
 _CHUNK_TOKENS = 1 << 24  # 64 MiB reads when scanning a split
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data or a prepared data dir is unusable; the message names the file and the problem."""
 
 

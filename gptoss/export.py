@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from gptoss.config import ConfigError, ModelConfig, get_config
+from gptoss.errors import UserError
 from gptoss.hf import EXPERT_KEY, expert_key, hf_config, hf_generation_config, to_hf_state_dict
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -44,7 +45,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The checkpoint cannot be exported as asked; the message names the file or key and what was expected."""
 
 

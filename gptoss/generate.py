@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
+from gptoss.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A sampling request that cannot work (bad setting, tokenizer and model disagree); says why."""
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import tiktoken
 
+from gptoss.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ENCODING_NAME = "o200k_harmony"
@@ -36,7 +38,7 @@ O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cf
 START_ID, END_ID, MESSAGE_ID, CHANNEL_ID = 200006, 200007, 200008, 200005
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The tokenizer cannot be loaded as specified (corrupt ranks file, unwritable cache, wrong vocab)."""
 
 

@@ -34,6 +34,7 @@ that timeout covers DeepSpeed's own process groups too.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -56,15 +57,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config
+from gptoss.config import ModelConfig, flops_per_token, get_config, read_json_object
 from gptoss.data import BatchSampler, DataError, TokenDataset, eval_batches
+from gptoss.errors import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger("gptoss.train")
 
 CHECKPOINT_FORMAT = 1
 # Dense bf16 tensor-core peaks, for MFU (matched against the accelerator's name).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A40": 149.7e12}
-EXIT_USER_ERROR = 2
 EXIT_BAD_STEPS = 3
 EXIT_LOST_RANK = 4
 # Every top-level key DeepSpeed 0.19 reads (DeepSpeedConfig and deepspeed.initialize; tests/test_faults.py
@@ -87,7 +88,7 @@ DS_CONFIG_KEYS = frozenset({
 GPTOSS_KEYS = frozenset({"ep_size"})  # the config's own "gptoss" section
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A user error found before training starts (flags, config, checkpoint); printed as one line."""
 
 
@@ -198,15 +199,7 @@ class Plan:
 
 def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(DeepSpeed config, gptoss section). Keys starting with `_` are comments and are dropped."""
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"--ds_config {path}: file not found")
-    try:
-        raw = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainError(f"--ds_config {path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise TrainError(f"--ds_config {path}: expected a JSON object")
+    raw = read_json_object(path, TrainError, f"--ds_config {path}")
     ds = {k: v for k, v in raw.items() if not k.startswith("_")}
     ours = ds.pop("gptoss", {})
     if not isinstance(ours, dict):
@@ -264,6 +257,43 @@ def _check_batch(ds: dict[str, Any], path: str, world: int) -> tuple[int, int, i
                          f"{micro} x world size {world} = {micro * world}; make train_batch_size a multiple of "
                          f"{micro * world}, or change train_micro_batch_size_per_gpu or the number of ranks")
     return tbs, micro, tbs // (micro * world)
+
+
+def _check_with_deepspeed(ds: dict[str, Any], path: str, micro: int, accum: int) -> None:
+    """DeepSpeed's own validation of every section, before any process group: its models refuse unknown nested
+    keys (e.g. zero_optimization.overlap_com), which would otherwise fail on every rank inside initialize."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+    from pydantic import ValidationError
+
+    probe = copy.deepcopy({**ds, "train_batch_size": micro * accum})  # as one rank would see the same split
+    try:
+        DeepSpeedConfig(probe)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(part) for part in err["loc"])
+        section = next((name for name, value in ds.items() if isinstance(value, dict) and err["loc"]
+                        and err["loc"][0] in value), None)
+        where = f"{section}.{key}" if section else key
+        if err["type"] == "extra_forbidden":
+            known = _config_model_fields(DeepSpeedConfigModel, e.title)
+            close = difflib.get_close_matches(str(err["loc"][-1]), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"see {e.title} in DeepSpeed's config docs"
+            raise TrainError(f"--ds_config {path}: unknown DeepSpeed key '{where}' ({hint})") from None
+        raise TrainError(f"--ds_config {path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
+    except Exception as e:  # DeepSpeed's asserts, and type errors on a malformed section
+        raise TrainError(f"--ds_config {path}: DeepSpeed rejects it: {e}") from None
+
+
+def _config_model_fields(base: type, name: str) -> set[str]:
+    """Field names (and aliases) of the DeepSpeed config model class called `name`."""
+    stack = [base]
+    while stack:
+        cls = stack.pop()
+        if cls.__name__ == name:
+            return {f.alias or n for n, f in cls.model_fields.items()}
+        stack.extend(cls.__subclasses__())
+    return set()
 
 
 def _set_schedule_length(ds: dict[str, Any], total_steps: int) -> None:
@@ -345,6 +375,7 @@ def plan_run(args: TrainArgs) -> Plan:
         raise TrainError(f"{args.ds_config}: zero_optimization.stage={zero}: use stage 1 or 2 (the ZeRO "
                          "optimizer skips steps with non-finite gradients; stage 1 costs nothing on one GPU)")
     tbs, micro, accum = _check_batch(ds, args.ds_config, world)
+    _check_with_deepspeed(ds, args.ds_config, micro, accum)
     if args.seq_len > cfg.max_position_embeddings:
         raise TrainError(f"--seq_len={args.seq_len} exceeds the model's context "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -476,6 +507,7 @@ class Progress:
     step: int = 0  # optimizer steps taken (skipped ones included: their batch was consumed)
     bad_in_a_row: int = 0  # consecutive skipped steps
     skipped_total: int = 0
+    train_seconds: float = 0.0  # wall-clock in training steps (evaluation and saving excluded), over resumes
 
 
 def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progress, reason: str) -> str:
@@ -505,6 +537,7 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
         "total_steps": plan.total_steps,
         "bad_in_a_row": prog.bad_in_a_row,
         "skipped_total": prog.skipped_total,
+        "train_seconds": prog.train_seconds,
         "reason": reason,  # "periodic", "final", "signal" or "non-finite"
         "sampler": sampler.state_dict(),
     }
@@ -589,7 +622,8 @@ def load_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler) -> Progress:
     sampler.load_state_dict(mine["sampler"])
     set_rng_state(mine["rng"])
     prog = Progress(step=int(client["step"]), bad_in_a_row=int(client["bad_in_a_row"]),
-                    skipped_total=int(client["skipped_total"]))
+                    skipped_total=int(client["skipped_total"]),
+                    train_seconds=float(client.get("train_seconds", 0.0)))
     if engine.global_steps != prog.step or sampler.step != prog.step:
         raise TrainError(f"--resume: {tag} is inconsistent (engine step {engine.global_steps}, sampler step "
                          f"{sampler.step}, trainer step {prog.step})")
@@ -785,13 +819,13 @@ def main(args: TrainArgs) -> int:
     try:
         adopt_slurm_env()
         plan = plan_run(args)
-    except (ConfigError, DataError, TrainError) as e:
+    except UserError as e:
         if _env_int("RANK", 0) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
         return train(plan)
-    except (TrainError, DataError) as e:  # found after setup: a checkpoint that does not load, a corrupted batch
+    except UserError as e:  # found after setup: a checkpoint that does not load, a corrupted batch
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:
@@ -805,7 +839,12 @@ def main(args: TrainArgs) -> int:
         print(f"train.py: error: rank {plan.rank} lost the other ranks ({first.strip()}): a rank died or hung "
               f"longer than --timeout_min={plan.args.timeout_min:g}; fix the cause and restart with --resume "
               f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
-        return EXIT_LOST_RANK
+        # Exit now: tearing down a process group whose peer is gone can abort in C++ destructors (SIGABRT,
+        # "terminate called without an active exception"), which would hide this exit status from Slurm.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_LOST_RANK)
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -848,7 +887,9 @@ def train(plan: Plan) -> int:
             lr = engine.get_lr()[0]
             t0 = time.perf_counter()
             stats = train_step(engine, my_rows(sampler, plan), plan, stop.requested)
-            window_time += time.perf_counter() - t0
+            step_seconds = time.perf_counter() - t0
+            window_time += step_seconds
+            prog.train_seconds += step_seconds
             window_tokens += plan.tokens_per_step
             prog.step += 1
             bar.update(1)
@@ -865,7 +906,7 @@ def train(plan: Plan) -> int:
                 tps = window_tokens / max(window_time, 1e-9)
                 record = {"step": prog.step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
                           "grad_norm": stats.grad_norm, "tokens": prog.step * plan.tokens_per_step,
-                          "tokens_per_s": tps,
+                          "tokens_per_s": tps, "elapsed_s": prog.train_seconds,
                           "mfu": flops * tps / (peak * plan.world_size) if peak else None,
                           "skipped": not stats.applied, "skipped_total": prog.skipped_total}
                 if stats.expert_counts is not None:
@@ -876,7 +917,8 @@ def train(plan: Plan) -> int:
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
             if plan.val_data is not None and (prog.step % args.eval_every == 0 or last):
                 val = evaluate(engine, plan)
-                record = record or {"step": prog.step, "tokens": prog.step * plan.tokens_per_step}
+                record = record or {"step": prog.step, "tokens": prog.step * plan.tokens_per_step,
+                                    "elapsed_s": prog.train_seconds}
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                 log.info("step %d: val loss %.4f", prog.step, val)
             if record is not None:

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptoss.errors import exit_on_user_error
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,19 +77,9 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
                             prompt_ids=_ints(args.prompt_ids, "--prompt_ids"), layers=_ints(args.layers, "--layers"))
 
 
+@exit_on_user_error("analyze.py")
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from gptoss.analysis import AnalysisError
-    from gptoss.config import ConfigError
-    from gptoss.export import ExportError
-    from gptoss.generate import SampleError
-    from gptoss.tokenizer import TokenizerError
-
-    try:
-        paths = run(args)
-    except (AnalysisError, ConfigError, ExportError, SampleError, TokenizerError) as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        return 2
+    paths = run(parse_args(argv))
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
     if "md" in paths:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptoss.errors import exit_on_user_error
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,22 +39,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error("compare.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from gptoss.analysis import AnalysisError
     from gptoss.analysis.compare import compare
 
-    try:
-        if args.models and args.max_steps is None and args.tokens is None:
-            raise AnalysisError("training needs a budget: --max_steps or --tokens")
-        train_kw = {} if args.runs else dict(
-            ds_config=args.ds_config, max_steps=args.max_steps, tokens=args.tokens, seq_len=args.seq_len,
-            eval_every=args.eval_every, log_every=args.log_every, seed=args.seed)
-        paths = compare(args.out, models=args.models.split(",") if args.models else None,
-                        runs=args.runs.split(",") if args.runs else None, data=args.data, **train_kw)
-    except AnalysisError as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 2
+    if args.models and args.max_steps is None and args.tokens is None:
+        raise AnalysisError("training needs a budget: --max_steps or --tokens")
+    train_kw = {} if args.runs else dict(
+        ds_config=args.ds_config, max_steps=args.max_steps, tokens=args.tokens, seq_len=args.seq_len,
+        eval_every=args.eval_every, log_every=args.log_every, seed=args.seed)
+    paths = compare(args.out, models=args.models.split(",") if args.models else None,
+                    runs=args.runs.split(",") if args.runs else None, data=args.data, **train_kw)
     print(f"plot: {paths['png']}\ntable: {paths['md']}\n\n{paths['md'].read_text()}")
     return 0
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptoss.export import ExportError, export
+from gptoss.errors import exit_on_user_error
+from gptoss.export import export
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,15 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error("export.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        out = export(args.path, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
-                     master_weights=args.fp32, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                     progress=not args.quiet)
-    except ExportError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.path, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
+                 master_weights=args.fp32, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                 progress=not args.quiet)
     print(f"exported -> {out}")
     return 0
 

@@ -11,8 +11,8 @@ import argparse
 import logging
 import sys
 
-from gptoss.data import DEFAULT_SOURCE, DataError, prepare_dataset
-from gptoss.tokenizer import TokenizerError
+from gptoss.data import DEFAULT_SOURCE, prepare_dataset
+from gptoss.errors import exit_on_user_error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,17 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error("prepare_data.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        meta = prepare_dataset(
-            args.source, args.out, sample=args.sample, text_column=args.text_column, num_proc=args.num_proc,
-            val_fraction=args.val_fraction, seed=args.seed, force=args.force,
-        )
-    except (DataError, TokenizerError) as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        return 2
+    meta = prepare_dataset(
+        args.source, args.out, sample=args.sample, text_column=args.text_column, num_proc=args.num_proc,
+        val_fraction=args.val_fraction, seed=args.seed, force=args.force,
+    )
     for split, info in meta["splits"].items():
         print(f"{split:>5}: {info['tokens']:>14,} tokens  {info['documents']:>10,} documents  {info['file']}")
     print(f"{meta['tokens_per_second']:,.0f} tokens/s  ->  {args.out}")

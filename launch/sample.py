@@ -14,10 +14,8 @@ import argparse
 import secrets
 import sys
 
-from gptoss.config import ConfigError
-from gptoss.export import ExportError
-from gptoss.generate import SampleError, sample_text
-from gptoss.tokenizer import TokenizerError
+from gptoss.errors import exit_on_user_error
+from gptoss.generate import sample_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@exit_on_user_error("sample.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.seed is None:
@@ -50,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         sample_text(args.path, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, num_samples=args.num_samples,
                     device=args.device, dtype=args.dtype)
-    except (ExportError, ConfigError, TokenizerError, SampleError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C while streaming: end the line, no traceback
         print(file=sys.stderr)
         return 130

@@ -97,6 +97,16 @@ def wait_for_metrics(out: Path, proc: subprocess.Popen, lines: int, timeout: flo
     raise AssertionError(f"no {lines} metrics records (exit {proc.poll()})")
 
 
+def signal_checkpoint(out: Path, proc: subprocess.Popen, log: Path) -> tuple[str, dict]:
+    """After a SIGTERM/SIGUSR1: the run exited 0 and `latest` names a checkpoint saved for the signal.
+    Returns (tag, train_state.json)."""
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "checkpoints" / tag / "train_state.json").read_text())
+    assert state["reason"] == "signal" and tag == f"step{state['step']:08d}", state
+    return tag, state
+
+
 def call_main(capsys, monkeypatch, tiny_data: Path, out: Path, ds: dict | None = None, world: int = 1,
               **overrides) -> str:
     """Run `gptoss.train.main` in-process (checks that stop before any process group); returns the one stderr

@@ -91,6 +91,20 @@ def test_unknown_config_keys_are_refused_with_a_suggestion(capsys, monkeypatch, 
     assert "unknown key(s) in the 'gptoss' section: 'ep_szie' (did you mean 'ep_size'?); known: ep_size" in line
 
 
+def test_nested_deepspeed_config_errors_are_one_line_before_any_process_group(capsys, monkeypatch, tiny_data,
+                                                                              tmp_path):
+    """DeepSpeed's section models refuse unknown keys only inside initialize, on every rank, as a traceback."""
+    zero = json.loads(CPU_CONFIG.read_text())["zero_optimization"]
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out",
+                     {"zero_optimization": {**zero, "overlap_com": True}})
+    assert line.endswith("unknown DeepSpeed key 'zero_optimization.overlap_com' (did you mean 'overlap_comm'?)")
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"bf16": {"enable": True}})
+    assert line.endswith("unknown DeepSpeed key 'bf16.enable' (did you mean 'enabled'?)")
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"bf16": {"enabled": True},
+                                                                         "fp16": {"enabled": True}})
+    assert "DeepSpeed rejects it: bfloat16 and fp16 modes cannot be simultaneously enabled" in line
+
+
 def test_ds_config_keys_cover_what_deepspeed_reads(monkeypatch):
     """DS_CONFIG_KEYS is a snapshot; re-derive it from the installed DeepSpeed so an upgrade that reads a new key
     fails here instead of refusing a valid config."""

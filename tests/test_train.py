@@ -17,7 +17,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_CONFIG, REPO, TRAIN, call_main, cpu_env, launch, read_metrics, train_flags, wait_for_metrics
+from conftest import (
+    CPU_CONFIG,
+    REPO,
+    TRAIN,
+    call_main,
+    cpu_env,
+    launch,
+    read_metrics,
+    signal_checkpoint,
+    train_flags,
+    wait_for_metrics,
+)
 
 STEPS = 8  # train_flags' default
 
@@ -39,8 +50,8 @@ def test_loss_goes_down_and_metrics_have_the_fields(run):
     m = read_metrics(run)
     assert sorted(m) == list(range(1, STEPS + 1))
     for step, r in m.items():
-        for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "expert_load",
-                    "mem_rss_gib", "skipped"):
+        for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "mfu",
+                    "expert_load", "mem_rss_gib", "skipped"):
             assert key in r, key
         assert r["tokens"] == step * 8 * 32  # global batch 8 x seq 32
         assert r["mfu"] is None  # no GPU peak to compare with
@@ -48,6 +59,7 @@ def test_loss_goes_down_and_metrics_have_the_fields(run):
         assert len(r["expert_load"]) == 2 and all(len(layer) == 4 for layer in r["expert_load"])
         assert all(sum(layer) == pytest.approx(1.0) for layer in r["expert_load"])
         assert r["aux_loss"] == pytest.approx(0.01 * 2, rel=0.2)  # coef x top-k when roughly balanced
+    assert all(m[s]["elapsed_s"] < m[s + 1]["elapsed_s"] for s in range(1, STEPS))
     assert {s for s, r in m.items() if "val_loss" in r} == {4, 8}
     assert m[8]["val_ppl"] == pytest.approx(math.exp(m[8]["val_loss"]))
     assert m[8]["val_loss"] < m[4]["val_loss"]
@@ -93,6 +105,7 @@ def test_resume_continues_bit_for_bit(run, tiny_data, tmp_path):
         for key in ("loss", "aux_loss", "grad_norm", "lr", "expert_load"):
             assert resumed[step][key] == full[step][key], (step, key)
     assert resumed[8]["val_loss"] == full[8]["val_loss"]
+    assert resumed[7]["elapsed_s"] > full[6]["elapsed_s"]  # training seconds carry over from the checkpoint
 
 
 def test_resume_of_a_finished_run_does_nothing(run, tiny_data, tmp_path):
@@ -173,11 +186,8 @@ def test_signal_saves_a_checkpoint_and_exits_zero(tiny_data, tmp_path, signum):
             proc.wait(timeout=120)
         finally:
             proc.kill()
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    tag = (out / "checkpoints" / "latest").read_text()
-    state = json.loads((out / "checkpoints" / tag / "train_state.json").read_text())
-    assert state["reason"] == "signal" and 2 <= state["step"] < 5000
-    assert tag == f"step{state['step']:08d}" and max(read_metrics(out)) == state["step"]
+    _, state = signal_checkpoint(out, proc, log)
+    assert 2 <= state["step"] < 5000 and max(read_metrics(out)) == state["step"]
     # the checkpoint resumes (a shorter schedule, just to see it load and take one more step)
     ok(launch(TRAIN, *train_flags(tiny_data, out, "--resume", "--save_every", "0", steps=state["step"] + 1)))
     assert max(read_metrics(out)) == state["step"] + 1

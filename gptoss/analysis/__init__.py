@@ -16,5 +16,8 @@ the command-line tools (`launch/analyze.py`, `launch/compare.py`) load models wi
 """
 
 
-class AnalysisError(ValueError):
+from gptoss.errors import UserError
+
+
+class AnalysisError(UserError):
     """Input that cannot be analysed (missing file, run without the needed metrics); says which and why."""

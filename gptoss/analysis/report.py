@@ -20,6 +20,7 @@ from gptoss.config import (
     get_config,
     kv_cache_bytes_per_token,
     param_counts,
+    read_json_object,
 )
 
 KV_KINDS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "GQA + sliding window"}
@@ -37,10 +38,7 @@ def resolve_config(spec: str) -> ModelConfig:
         raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
     if not path.is_file():
         raise AnalysisError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a JSON file or a run/export dir")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AnalysisError(f"{path}: not valid JSON ({e})") from e
+    d = read_json_object(path, AnalysisError)
     if d.get("model_type") == "gpt_oss":  # a transformers config.json (an export)
         from gptoss.hf import from_hf_config
 

@@ -1,14 +1,13 @@
 """A training run as the trainer leaves it: `metrics.jsonl` (one JSON record per logged or evaluated step)
 and `model_config.json`, read into the curves the comparison plots.
 
-Record fields used (written by `gptoss.train`): step, tokens, loss, tokens_per_s (training throughput
-over the steps since the previous logged record), val_loss (evaluation steps), expert_load (per layer,
-each expert's share of the assignments in that step).
+Record fields used (written by `gptoss.train`): step, tokens, loss, elapsed_s (seconds spent in training
+steps so far, evaluation and checkpointing excluded, carried over on resume: the fair wall-clock axis when
+two models evaluate and save differently), val_loss (evaluation steps), expert_load (per layer, each
+expert's share of the assignments in that step).
 
-Wall-clock: the trainer logs throughput rather than timestamps, so training seconds are rebuilt from it:
-each logged record covers (tokens - tokens at the previous logged record) / tokens_per_s seconds. That is
-time spent in training steps only (evaluation and checkpointing excluded), the fair axis when two models
-evaluate and save differently. A record with an explicit `elapsed_s` field is used as is.
+Runs written before elapsed_s existed get training seconds rebuilt from throughput: each logged record
+covers (tokens - tokens at the previous logged record) / tokens_per_s seconds.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ Shapes are the nano model's: batch 1, 8 query heads, 1 kv head, head_dim 64, win
 gradients flow to q, k, v and the sinks. Per layer kind:
 - sliding: ours `banded_sliding_attention` (only the band of W keys) vs transformers' `eager_attention_forward`
   with its sliding-window 4D mask (a full T x T score matrix, then masked);
-- full: ours `sink_sdpa_attention` (SDPA with an explicit mask) and the proposed `causal_sink_sdpa`
-  (bench_train_step.py: values padded to q/k's head dim and `is_causal`, so SDPA's flash path runs) vs
-  transformers' eager with its causal mask.
+- full: ours `sink_sdpa_attention` (the sink as one extra key, values padded to q/k's head dim and
+  `is_causal` with a dummy query, so SDPA's fused flash path runs) vs transformers' eager with its causal mask.
 transformers builds its masks once per forward for all layers; here they are built outside the timing.
 
 Each (kernel, layer kind) runs in one fresh process over increasing T; before each T the peak RSS is reset,
@@ -34,7 +33,6 @@ import common  # noqa: E402  (bench/ is not a package)
 KERNELS = {
     ("ours", "sliding"): "ours banded_sliding_attention",
     ("ours", "full"): "ours sink_sdpa_attention",
-    ("proposed", "full"): "ours causal_sink_sdpa (proposed)",
     ("hf", "sliding"): "transformers eager, sliding mask",
     ("hf", "full"): "transformers eager, causal mask",
 }
@@ -58,11 +56,6 @@ def make_kernel(impl: str, kind: str, T: int, batch: int) -> Any:
         if window:
             return lambda q, k, v, s: banded_sliding_attention(q, k, v, s, scale, WINDOW)
         return lambda q, k, v, s: sink_sdpa_attention(q, k, v, s, scale)
-    if impl == "proposed":
-        from bench_train_step import causal_sink_sdpa, check_proposed
-
-        check_proposed()
-        return lambda q, k, v, s: causal_sink_sdpa(q, k, v, s, scale)
     import transformers
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
@@ -140,7 +133,7 @@ def tables(results: list[dict[str, Any]], seqs: list[int]) -> str:
     by = {(r["impl"], r["kind"]): {row["seq"]: row for row in r.get("rows", [])} for r in results}
     out = []
     for kind in ("sliding", "full"):
-        impls = [i for i in ("ours", "proposed", "hf") if (i, kind) in by]
+        impls = [i for i in ("ours", "hf") if (i, kind) in by]
         headers = ["T"] + [f"{KERNELS[(i, kind)]}: s / µs per token / extra MiB" for i in impls]
         headers += [f"{i} vs transformers: speed / memory" for i in impls if i != "hf"]
         rows = []
@@ -195,7 +188,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed calls per length (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every kernel this many times, alternating; best time kept (default: %(default)s)")
-    p.add_argument("--kernels", default="ours,proposed,hf", help="from ours, proposed, hf (default: %(default)s)")
+    p.add_argument("--kernels", default="ours,hf", help="from ours, hf (default: %(default)s)")
     p.add_argument("--max_call_s", type=float, default=60.0,
                    help="stop a kernel before a length predicted to need more than this for all its calls")
     common.add_quiet_machine_args(p)
@@ -208,8 +201,8 @@ def main() -> None:
         common.emit_result(worker(impl, kind, seqs, args.batch, args.repeats, args.max_call_s))
         return
     chosen = args.kernels.split(",")
-    if any(k not in ("ours", "proposed", "hf") for k in chosen):
-        p.error(f"--kernels {args.kernels}: choose from ours, proposed, hf")
+    if any(k not in ("ours", "hf") for k in chosen):
+        p.error(f"--kernels {args.kernels}: choose from ours, hf")
     print(f"Command: `{common.command_line()}`\n\n{common.machine_line(common.machine_info())}")
     runs = []
     for _ in range(args.rounds):  # kernels alternate, so a burst of outside load hits all alike

@@ -1,7 +1,7 @@
 """One training step (forward + backward + AdamW) of our GptOss vs transformers' GptOssForCausalLM.
 
     python bench/bench_train_step.py                        # nano shape, 4 layers, vocab 8192, T 1024 and 4096
-    python bench/bench_train_step.py --layers 8 --seqs 4096 --sides ours,hf,ours-proposed
+    python bench/bench_train_step.py --layers 8 --seqs 4096
     python bench/bench_train_step.py --breakdown --seqs 4096   # where the time goes, per component
 
 Both sides get the same config (nano: hidden 512, 8/1 heads, 8 experts top-2, I=1024, W=128; vocab and
@@ -11,9 +11,6 @@ transformers runs with `attn_implementation="eager"` (the only one it supports f
 CPU; `--probe` tries "sdpa" and "flex_attention") and its default experts kernel (`grouped_mm`).
 Each side runs in a fresh process; peak memory is that process's peak RSS during the timed steps (weights,
 gradients, Adam state and activations). Timings: minimum and median of --repeats steps after --warmup.
-
-`ours-proposed` is our model with the full-attention kernel swapped at runtime for `causal_sink_sdpa`
-below (a suggestion for gptoss/model/attention.py, measured here; the model files are not changed).
 """
 
 from __future__ import annotations
@@ -26,60 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 
 SIDES = {
-    "ours": "ours (banded sliding + sink-SDPA full)",
-    "ours-proposed": "ours, full layers with causal_sink_sdpa (proposed, flash path)",
+    "ours": "ours (banded sliding + fused sink-SDPA full)",
     "hf": "transformers eager attention, grouped_mm experts (default)",
     "hf-eager-experts": "transformers eager attention, eager experts loop",
 }
-
-
-def causal_sink_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Full causal attention with sinks on SDPA's flash path (a suggestion for gptoss/model/attention.py).
-
-    Same sink trick as `sink_sdpa_attention` (one extra dimension, the sink key first), with two changes:
-    - the values get the extra dimension too (a zero column, dropped after). PyTorch's CPU flash kernel
-      needs one head dim for q, k and v; with v at d and q, k at d + 1, SDPA falls back to its math path,
-      which materialises the T x T probabilities (O(T^2) memory);
-    - one dummy query in front and `is_causal=True` instead of an explicit mask: with T+1 queries and T+1
-      keys, query t+1 sees the sink and keys 0..t exactly, and masked blocks are skipped. The dummy
-      query's output is dropped, so it receives no gradient.
-    """
-    B, nh, T, d = q.shape
-    n_kv = k.shape[1]
-    q1 = torch.cat([q, sinks.view(1, nh, 1, 1).to(q.dtype).expand(B, nh, T, 1)], dim=-1)
-    q1 = F.pad(q1, (0, 0, 1, 0))  # (B, nh, T+1, d+1): dummy query at position 0
-    k1 = F.pad(k, (0, 1))  # (B, n_kv, T, d+1), 0 in the sink dimension
-    sink_key = k.new_zeros(B, n_kv, 1, d + 1)
-    sink_key[..., -1] = 1.0 / scale  # score of every query against it: sink_h
-    k1 = torch.cat([sink_key, k1], dim=2)  # (B, n_kv, T+1, d+1)
-    v1 = F.pad(v, (0, 1, 1, 0))  # (B, n_kv, T+1, d+1): zero sink value, zero extra column
-    out = F.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale, enable_gqa=n_kv != nh)
-    return out[:, :, 1:, :d]
-
-
-def check_proposed() -> None:
-    """The proposed kernel must compute what ours does (values and gradients) before it is timed."""
-    from gptoss.model.attention import sink_sdpa_attention
-
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(2, 4, 37, 16, generator=g), torch.randn(2, 2, 37, 16, generator=g),
-              torch.randn(2, 2, 37, 16, generator=g), torch.randn(4, generator=g)]
-    grads = []
-    for fn in (sink_sdpa_attention, causal_sink_sdpa):
-        xs = [t.clone().requires_grad_() for t in inputs]
-        out = fn(*xs, 0.25)
-        out.square().sum().backward()
-        grads.append([out.detach()] + [x.grad for x in xs])
-    for a, b in zip(*grads):
-        if not torch.allclose(a, b, atol=1e-5):
-            raise AssertionError("causal_sink_sdpa differs from sink_sdpa_attention")
 
 
 def bench_config(args: argparse.Namespace, layers: int | None = None) -> Any:
@@ -95,12 +47,7 @@ def build_side(side: str, cfg: Any, attn: str = "eager") -> torch.nn.Module:
 
     torch.manual_seed(0)
     ours = build_model(cfg)
-    if side.startswith("ours"):
-        if side == "ours-proposed":
-            import gptoss.model.attention as attention
-
-            check_proposed()
-            attention.sink_sdpa_attention = causal_sink_sdpa  # full layers call it by module-global name
+    if side == "ours":
         return ours
     import transformers
 
@@ -171,7 +118,6 @@ def breakdown_worker(args: argparse.Namespace) -> dict[str, Any]:
     timed round-robin so that load from other processes spreads over all components alike."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    import gptoss.model.attention as attention
 
     T = args.seqs[0]
     cfg = bench_config(args, layers=2)  # layer 0 sliding, layer 1 full
@@ -185,21 +131,11 @@ def breakdown_worker(args: argparse.Namespace) -> dict[str, Any]:
     mask_kw = {"config": hf.config, "inputs_embeds": x, "attention_mask": None, "past_key_values": None}
     hf_masks = {"full_attention": create_causal_mask(**mask_kw),
                 "sliding_attention": create_sliding_window_causal_mask(**mask_kw)}
-    original_full = attention.sink_sdpa_attention
-
-    def proposed_full() -> torch.Tensor:
-        attention.sink_sdpa_attention = causal_sink_sdpa
-        try:
-            return ours.layers[1].self_attn(x, cos, sin, pos)
-        finally:
-            attention.sink_sdpa_attention = original_full
-
     forwards = {
         "ours attention, sliding layer (banded)": lambda: ours.layers[0].self_attn(x, cos, sin, pos),
         "transformers attention (eager), sliding layer": lambda: hf.model.layers[0].self_attn(
             x, hf_rope, hf_masks["sliding_attention"])[0],
-        "ours attention, full layer (sink_sdpa_attention)": lambda: ours.layers[1].self_attn(x, cos, sin, pos),
-        "ours attention, full layer (causal_sink_sdpa, proposed)": proposed_full,
+        "ours attention, full layer (fused sink_sdpa_attention)": lambda: ours.layers[1].self_attn(x, cos, sin, pos),
         "transformers attention (eager), full layer": lambda: hf.model.layers[1].self_attn(
             x, hf_rope, hf_masks["full_attention"])[0],
         "ours MoE (per-expert loop)": lambda: ours.layers[0].mlp(x),

@@ -195,7 +195,7 @@ def _expert_params(c: ModelConfig) -> int:
 def param_counts(c: ModelConfig) -> dict[str, int]:
     """Parameter counts: total, active per token (top-k of E experts), embedding, unembedding, per part.
 
-    `*_excl_unembedding` are the figures OpenAI quotes (20.915B / 3.608B for gpt-oss-20b).
+    OpenAI quotes `total` and `active_excl_unembedding` (20.915B / 3.608B for gpt-oss-20b).
     """
     h, L = c.hidden_size, c.num_hidden_layers
     embed = c.vocab_size * h

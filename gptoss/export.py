@@ -17,11 +17,25 @@ weight is read, shapes as each piece is read). The output is written to a tempor
 renamed at the end, so a failed export never leaves a half-written model. Tensors are streamed (non-expert
 weights, then one MoE layer at a time) into safetensors shards, so peak memory is about one shard plus one
 layer's experts (the --fp32 path holds the whole fp32 model: partitions must be reassembled first).
+
+A GPT-2 baseline whose shape transformers' GPT2LMHeadModel cannot hold (num_attention_heads * head_dim !=
+hidden_size, see `gptoss.hf.gpt2_hf_incompatibility`) is written in our own format instead: the same
+safetensors shards under our state-dict names, gptoss_config.json, and no config.json (so nothing mistakes
+it for a transformers directory); a warning says why. `read_export` and `gptoss.generate.load_model` read
+both formats: a directory without config.json holds our names.
+
+A model with o200k_harmony's 201,088 ids also gets Hugging Face tokenizer files (tokenizer.json,
+tokenizer_config.json, special_tokens_map.json; see `gptoss.hf_tokenizer`), so
+`transformers.AutoTokenizer.from_pretrained(out)` and `pipeline("text-generation", model=out)` work and
+encode exactly as tiktoken does. `tokenizer="auto"` (the default) writes them when the `tokenizers` package
+(part of transformers) is installed and says so in one warning when it is not; "yes" makes either missing an
+error; "no" leaves them out. Small (test) vocabularies never get them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,7 +49,15 @@ import torch
 
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import UserError
-from gptoss.hf import EXPERT_KEY, expert_key, hf_config, hf_generation_config, to_hf_state_dict
+from gptoss.hf import (
+    EXPERT_KEY,
+    expert_key,
+    gpt2_hf_incompatibility,
+    hf_config,
+    hf_generation_config,
+    to_hf_state_dict,
+)
+from gptoss.hf_tokenizer import tokenizer_files_wanted, write_tokenizer_files
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -43,6 +65,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+HF_CONFIG_NAME = "config.json"
+CONFIG_NAME = "gptoss_config.json"
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(UserError):
@@ -415,12 +441,14 @@ def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
 def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None,
            config: ModelConfig | str | os.PathLike | None = None, dtype: str | None = None,
            master_weights: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
-           progress: bool = True) -> Path:
+           progress: bool = True, tokenizer: str = "auto") -> Path:
     """Checkpoint -> `out`: safetensors weights in HF names, config.json, generation_config.json and our
-    gptoss_config.json.
+    gptoss_config.json; with o200k_harmony's vocabulary also the Hugging Face tokenizer files (`tokenizer`:
+    "auto", "yes" or "no", see `save_export`).
 
     dtype: "bf16" or "fp32"; None keeps the checkpoint's (fp32 with master_weights). The GPT-2 baseline
-    exports to a `GPT2LMHeadModel` directory.
+    exports to a `GPT2LMHeadModel` directory when its shape allows, otherwise to our own format (see
+    `save_export`).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -433,14 +461,14 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None =
     with tqdm(total=_n_files(ckpt, master_weights), desc=f"export {ckpt.tag}", unit="file",
               disable=not progress) as bar:
         return save_export(iter_state_chunks(ckpt, master_weights, bar), ckpt.config, out, dtype=target,
-                           max_shard_size=max_shard_size, overwrite=overwrite)
+                           max_shard_size=max_shard_size, overwrite=overwrite, tokenizer=tokenizer)
 
 
 def save_model(model: torch.nn.Module, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
-               max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+               max_shard_size: int | str = "5GB", overwrite: bool = False, tokenizer: str = "auto") -> Path:
     """An in-memory model (ep_size 1, so every expert is local under its global id) -> export dir."""
     return save_export([model.state_dict()], model.config, out, dtype=dtype, max_shard_size=max_shard_size,
-                       overwrite=overwrite)
+                       overwrite=overwrite, tokenizer=tokenizer)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -448,14 +476,31 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
 
 
+def hf_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why transformers cannot represent `cfg` (the export then uses our own format), or None."""
+    return gpt2_hf_incompatibility(cfg) if cfg.arch == "gpt2" else None
+
+
 def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out: str | os.PathLike, *,
                 dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, tokenizer: str = "auto") -> Path:
     """Write pieces of our state dict (global expert ids) as an HF model dir, via a temporary directory
-    renamed into place at the end. dtype None keeps each tensor's own."""
+    renamed into place at the end. dtype None keeps each tensor's own.
+
+    A config transformers cannot represent (`hf_incompatibility`) is written in our own format: the same
+    shards under our state-dict names plus gptoss_config.json, without config.json and
+    generation_config.json; a warning on the `gptoss.export` logger (stderr when logging is not set up)
+    says why. A tied lm_head.weight is stored once, as the embedding, in both formats.
+
+    tokenizer: "auto" adds the Hugging Face tokenizer files (`gptoss.hf_tokenizer.TOKENIZER_FILES`) when
+    cfg has o200k_harmony's vocabulary and the `tokenizers` package is installed (a warning when only the
+    package is missing), "yes" requires both (TokenizerExportError before anything is written), "no" never.
+    They are written inside the temporary directory, so a failed build leaves nothing either."""
     out = Path(out)
     _check_out(out, overwrite)
     writer_bytes = parse_size(max_shard_size)
+    reason = hf_incompatibility(cfg)
+    with_tokenizer = tokenizer_files_wanted(cfg, tokenizer, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -463,22 +508,29 @@ def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out
         writer = ShardWriter(tmp, writer_bytes)
         stored = None
         for chunk in chunks:
-            hf = to_hf_state_dict(chunk, cfg)
+            named = to_hf_state_dict(chunk, cfg) if reason is None else dict(chunk)
             if cfg.arch == "gpt2" and cfg.tie_word_embeddings:
-                hf.pop("lm_head.weight", None)  # tied to transformer.wte.weight, as save_pretrained does
-            for name, tensor in hf.items():
+                named.pop("lm_head.weight", None)  # tied to (transformer.)wte.weight, as save_pretrained does
+            for name, tensor in named.items():
                 tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
                 stored = tensor.dtype if stored is None else stored
                 writer.add(name, tensor)
         writer.finish()
-        torch_dtype = DTYPE_NAMES.get(dtype or stored or torch.float32, "float32")
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(hf_generation_config(cfg), indent=2) + "\n")
-        cfg.save(tmp / "gptoss_config.json")
+        if reason is None:
+            torch_dtype = DTYPE_NAMES.get(dtype or stored or torch.float32, "float32")
+            (tmp / HF_CONFIG_NAME).write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
+            (tmp / "generation_config.json").write_text(json.dumps(hf_generation_config(cfg), indent=2) + "\n")
+        cfg.save(tmp / CONFIG_NAME)
+        if with_tokenizer:
+            write_tokenizer_files(tmp, cfg)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if reason is not None:
+        log.warning("%s: written in gptoss's own format (our weight names + %s, no %s), not as a transformers "
+                    "directory: %s; load it with gptoss.generate.load_model or launch/sample.py",
+                    out, CONFIG_NAME, HF_CONFIG_NAME, reason)
     return out
 
 
@@ -494,19 +546,22 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 
 def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """An export dir (ours, or a GptOss HF dir) -> our config and state dict (our names, global experts)."""
+    """An export dir -> our config and state dict (our names, global experts). Three kinds: ours with HF
+    names (config.json + gptoss_config.json), our own format (gptoss_config.json alone: our names), or a
+    GptOss HF dir (config.json alone)."""
     from safetensors.torch import load_file
 
     from gptoss.hf import from_hf_config, from_hf_gpt2_state_dict, from_hf_state_dict
 
     path = Path(path)
+    hf_names = (path / HF_CONFIG_NAME).is_file()
     try:
-        if (path / "gptoss_config.json").is_file():
-            cfg = ModelConfig.load(path / "gptoss_config.json")
-        elif (path / "config.json").is_file():
-            cfg = from_hf_config(json.loads((path / "config.json").read_text()))
+        if (path / CONFIG_NAME).is_file():
+            cfg = ModelConfig.load(path / CONFIG_NAME)
+        elif hf_names:
+            cfg = from_hf_config(json.loads((path / HF_CONFIG_NAME).read_text()))
         else:
-            raise ExportError(f"{path}: no gptoss_config.json or config.json (not an export directory)")
+            raise ExportError(f"{path}: no {CONFIG_NAME} or {HF_CONFIG_NAME} (not an export directory)")
     except (ConfigError, KeyError) as e:
         raise ExportError(f"{path}: cannot read the model config ({e})") from e
     if (path / INDEX_NAME).is_file():
@@ -515,11 +570,18 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
         files = [WEIGHTS_NAME]
     else:
         raise ExportError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
-    hf: dict[str, torch.Tensor] = {}
+    stored: dict[str, torch.Tensor] = {}
     for f in files:
         if not (path / f).is_file():
             raise ExportError(f"{path / f}: weight shard listed in {INDEX_NAME} is missing")
-        hf.update(load_file(str(path / f)))
-    state = from_hf_gpt2_state_dict(hf, cfg) if cfg.arch == "gpt2" else from_hf_state_dict(hf, cfg)
+        stored.update(load_file(str(path / f)))
+    if not hf_names:  # our own format: our names already; a tied lm_head is stored as the embedding
+        state = stored
+        if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:
+            state.setdefault("lm_head.weight", state["wte.weight"])
+    elif cfg.arch == "gpt2":
+        state = from_hf_gpt2_state_dict(stored, cfg)
+    else:
+        state = from_hf_state_dict(stored, cfg)
     _check(state, expected_shapes(cfg), str(path), "its config")
     return cfg, state

@@ -74,8 +74,9 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> n
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, *, tag: str | None = None,
                master_weights: bool = False) -> nn.Module:
-    """A model ready for `generate`, in eval mode, from an export dir (model.safetensors + gptoss_config.json)
-    or a run / checkpoints / tag dir (consolidated in memory by `gptoss.export`, nothing written)."""
+    """A model ready for `generate`, in eval mode, from an export dir (model.safetensors + gptoss_config.json,
+    HF names with config.json or our own names without, see `gptoss.export.read_export`) or a run /
+    checkpoints / tag dir (consolidated in memory by `gptoss.export`, nothing written)."""
     from gptoss.export import load_state_dict, read_export
 
     path = Path(path)

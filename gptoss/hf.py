@@ -81,7 +81,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     if scaling:
         max_pos = int(scaling["factor"] * scaling["original_max_position_embeddings"])
     rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
-    return _special_ids(cfg) | {
+    return special_ids(cfg) | {
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",
         "vocab_size": cfg.vocab_size,
@@ -116,7 +116,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-def _special_ids(cfg: ModelConfig) -> dict[str, int | None]:
+def special_ids(cfg: ModelConfig) -> dict[str, int | None]:
     """The harmony special ids, or None for the small test vocabularies that do not contain them."""
     has = cfg.vocab_size > max(BOS_ID, EOS_ID, PAD_ID, EOT_ID)
     eos = EOS_ID if cfg.arch == "gpt_oss" else EOT_ID
@@ -138,6 +138,7 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         rope_theta=d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 150000.0),
         rope_scaling={k: v for k, v in scaling.items() if k != "rope_theta"} if scaling else None,
         rms_norm_eps=d["rms_norm_eps"], swiglu_limit=d.get("swiglu_limit", 7.0),
+        swiglu_alpha=d.get("swiglu_alpha", 1.702), initializer_range=d.get("initializer_range", 0.02),
         layer_types=list(d["layer_types"]), router_aux_loss_coef=d.get("router_aux_loss_coef", 0.01),
     )
 
@@ -157,10 +158,25 @@ def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
     return out
 
 
-def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+def gpt2_hf_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why transformers' GPT2LMHeadModel cannot hold this GPT-2 baseline config, or None when it can.
+
+    GPT2Attention has no head_dim of its own: it uses n_embd // n_head and projects q, k, v and the output
+    at width n_embd, so our head_dim fits only when num_attention_heads * head_dim == hidden_size.
+    Everything else maps: tied or untied embeddings (tie_word_embeddings), n_inner = mlp_ratio * hidden,
+    gelu_new (our tanh GELU), 1/sqrt(head_dim) scaling, layer_norm_epsilon, n_positions, any vocabulary.
+    """
     if cfg.q_dim != cfg.hidden_size:
-        raise ValueError(f"GPT2LMHeadModel needs heads * head_dim == hidden_size ({cfg.q_dim} != {cfg.hidden_size})")
-    return _special_ids(cfg) | {
+        return (f"GPT2LMHeadModel needs num_attention_heads * head_dim == hidden_size, but this config has "
+                f"{cfg.num_attention_heads} * {cfg.head_dim} = {cfg.q_dim} != hidden_size {cfg.hidden_size}")
+    return None
+
+
+def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    reason = gpt2_hf_incompatibility(cfg)
+    if reason:
+        raise ValueError(reason)  # export checks first and writes its own format instead
+    return special_ids(cfg) | {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,
@@ -197,7 +213,7 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig)
 def hf_generation_config(cfg: ModelConfig) -> dict[str, Any]:
     """generation_config.json. Stories end with <|endoftext|> (EOT_ID), so it stops generation as well as
     <|return|> (EOS_ID, the released models' end of a harmony reply); pad is <|endoftext|> as released."""
-    ids = _special_ids(cfg)
+    ids = special_ids(cfg)
     eos = [EOT_ID, EOS_ID] if cfg.arch == "gpt_oss" else EOT_ID
     return {"bos_token_id": ids["bos_token_id"], "eos_token_id": eos if ids["eos_token_id"] is not None else None,
             "pad_token_id": ids["pad_token_id"]}

@@ -764,9 +764,9 @@ class MetricsLog:
                 flat[f"expert_load_max/layer{i}"] = max(layer) * len(layer)
             self.wandb.log(flat, step=record["step"])
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)  # W&B marks the run failed unless it is 0
 
 
 def _finite_or_none(v: Any) -> Any:
@@ -934,10 +934,13 @@ def train(plan: Plan) -> int:
                 last_saved = prog.step
         if last_saved != prog.step:
             save_checkpoint(engine, plan, sampler, prog, reason)
+    except BaseException:
+        exit_code = 1
+        raise
     finally:
         bar.close()
         stop.restore()
-        metrics.close()
+        metrics.close(exit_code)
     if exit_code == EXIT_BAD_STEPS and plan.rank == 0:
         print(f"train.py: stopped after {prog.bad_in_a_row} consecutive non-finite steps; the checkpoint at "
               f"step {prog.step} holds the weights of step {prog.step - prog.bad_in_a_row}", file=sys.stderr)

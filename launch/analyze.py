@@ -5,8 +5,10 @@
     python launch/analyze.py expert-usage --run runs/nano --out out/experts     # load over training
     python launch/analyze.py expert-usage --model exports/nano --out out/experts  # run it on sample stories
     python launch/analyze.py attention --model exports/nano --prompt "Once upon a time" --out out/attention
+    python launch/analyze.py attention --model runs/tiny --token_ids 1,8,43,218 --out out/attention
 
 --model of expert-usage / attention: an export dir (launch/export.py) or a run / checkpoint dir.
+--token_ids: token ids given directly instead of text (o200k_harmony), for models with a smaller vocabulary.
 --model of report: a preset (nano, tiny, gpt2-nano, gpt-oss-20b, gpt-oss-120b), a config JSON, or a dir.
 """
 
@@ -34,8 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e = sub.add_parser("expert-usage", help="tokens per expert per layer, over training or on text")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run dir: heatmaps of the logged expert_load over training")
-    src.add_argument("--model", help="export or run dir: run the model on --text and count assignments")
-    e.add_argument("--text", default=None, help="text file for --model (default: the shipped TinyStories sample)")
+    src.add_argument("--model", help="export or run dir: run the model on --text (or --token_ids) and count "
+                     "assignments")
+    inp = e.add_mutually_exclusive_group()
+    inp.add_argument("--text", default=None, help="text file for --model (default: the shipped TinyStories sample)")
+    inp.add_argument("--token_ids", default=None, help="comma-separated token ids for --model instead of text "
+                     "(small-vocabulary models); fewer than --seq_len run as one pass")
     e.add_argument("--seq_len", type=int, default=256, help="tokens per forward pass (default: %(default)s)")
     e.add_argument("--max_batches", type=int, default=8, help="forward passes at most (default: %(default)s)")
 
@@ -43,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--model", required=True, help="export or run dir")
     prompt = a.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (o200k_harmony)")
-    prompt.add_argument("--prompt_ids", help="prompt as comma-separated token ids (small-vocabulary models)")
+    prompt.add_argument("--token_ids", "--prompt_ids", dest="token_ids",
+                        help="prompt as comma-separated token ids (small-vocabulary models)")
     a.add_argument("--layers", default=None, help="comma-separated layer indices (default: the first sliding "
                    "and the first full layer)")
 
@@ -53,12 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _ints(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"analyze.py: error: {flag} {text!r}: expected comma-separated integers") from None
+    from gptoss.analysis.loading import parse_ints
+
+    return None if text is None else parse_ints(text, flag)
 
 
 def run(args: argparse.Namespace) -> dict[str, Path]:
@@ -69,12 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     if args.command == "expert-usage":
         from gptoss.analysis.experts import expert_usage
 
-        return expert_usage(args.out, run=args.run, model=args.model, text=args.text, seq_len=args.seq_len,
+        return expert_usage(args.out, run=args.run, model=args.model, text=args.text,
+                            token_ids=_ints(args.token_ids, "--token_ids"), seq_len=args.seq_len,
                             max_batches=args.max_batches)
     from gptoss.analysis.attention import attention_report
 
-    return attention_report(args.model, args.out, prompt=args.prompt,
-                            prompt_ids=_ints(args.prompt_ids, "--prompt_ids"), layers=_ints(args.layers, "--layers"))
+    return attention_report(args.model, args.out, prompt=args.prompt, token_ids=_ints(args.token_ids, "--token_ids"),
+                            layers=_ints(args.layers, "--layers"))
 
 
 @exit_on_user_error("analyze.py")

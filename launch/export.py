@@ -4,8 +4,11 @@
     python launch/export.py runs/nano/checkpoints --tag step00001000 --out exports/nano-1k --dtype bf16
     python launch/export.py runs/nano --out exports/nano-fp32 --fp32     # fp32 master weights (ZeRO states)
 
-The result loads with transformers.GptOssForCausalLM.from_pretrained (GPT2LMHeadModel for the baseline)
-and with launch/sample.py. Exit status 2 on an unusable checkpoint or flag (one line on stderr).
+The result loads with transformers.GptOssForCausalLM.from_pretrained (GPT2LMHeadModel for the baseline;
+a GPT-2 shape it cannot hold, heads x head_dim != hidden, is written in gptoss's own format with a notice)
+and with launch/sample.py. With o200k_harmony's vocabulary it also carries Hugging Face tokenizer files
+(--tokenizer), so transformers.AutoTokenizer and pipeline("text-generation") load it too.
+Exit status 2 on an unusable checkpoint or flag (one line on stderr).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_shard_size", default="5GB",
                    help="largest safetensors file before sharding, e.g. 5GB, 500MiB (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--tokenizer", choices=["auto", "yes", "no"], default="auto",
+                   help="write Hugging Face tokenizer files (tokenizer.json ...) for AutoTokenizer / pipeline: "
+                   "auto = when the model has o200k_harmony's vocabulary and transformers' tokenizers package "
+                   "is installed; yes = require both; no = never (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -41,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = export(args.path, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
                  master_weights=args.fp32, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                 progress=not args.quiet)
+                 progress=not args.quiet, tokenizer=args.tokenizer)
     print(f"exported -> {out}")
     return 0
 

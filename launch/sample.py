@@ -21,7 +21,7 @@ from gptoss.generate import sample_text
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="export dir, or run / checkpoints / checkpoint-tag dir")
-    p.add_argument("--prompt", default="Once upon a time",
+    p.add_argument("--prompt", default="A little girl went to the woods",
                    help="text the story starts with (default: %(default)r)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8,

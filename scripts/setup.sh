@@ -14,6 +14,10 @@ want_slurm=0
 [[ "${1:-}" == "--slurm" ]] && want_slurm=1
 
 log() { printf '[setup] %s\n' "$*"; }
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+reachable() { "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" \
+  >/dev/null 2>&1; }
+CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 pipq() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$stamp" ]]; then
@@ -25,8 +29,13 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
   if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     log "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
   else
-    # TORCH_INDEX_URL lets a machine without a GPU pick the CPU wheels, e.g. PyTorch's /whl/cpu index.
-    log "installing $TORCH_SPEC"
+    # Without a GPU take the CPU wheels (PyPI's default torch carries multi-GB CUDA libraries) from PyTorch's
+    # CPU index when it answers; offline machines fall back to the configured index/find-links.
+    # TORCH_INDEX_URL overrides the choice.
+    if [[ -z "${TORCH_INDEX_URL:-}" ]] && ! has_gpu && reachable "$CPU_TORCH_INDEX"; then
+      TORCH_INDEX_URL=$CPU_TORCH_INDEX
+    fi
+    log "installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
     pipq "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
   if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then

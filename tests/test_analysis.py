@@ -78,15 +78,53 @@ def synthetic_records(steps: int = 12, layers: int = 2, experts: int = 4, loss0:
 
 # ---- report ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny", "nano", "gpt2-nano", "gpt-oss-20b", "gpt-oss-120b"])
-def test_report_numbers_are_config_arithmetic(name):
-    cfg = get_config(name)
-    n = architecture_numbers(cfg, context=4096)
-    assert n["params"] == param_counts(cfg)
-    assert n["flops_per_token_train"] == flops_per_token(cfg, 4096, training=True)
-    assert n["flops_per_token_infer"] == flops_per_token(cfg, 4096, training=False)
-    assert n["kv_bytes_per_token"] == kv_cache_bytes_per_token(cfg, 4096, 2)
-    assert n["kv_bytes_at_context"]["gqa"] == 4096 * kv_cache_bytes_per_token(cfg, 4096, 2)["gqa"]
+def md_table(md: str) -> dict[str, dict[str, str]]:
+    """The first markdown table of md as {row label: {column name: cell}}."""
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    names = cells[0][1:]
+    return {row[0]: dict(zip(names, row[1:], strict=True)) for row in cells[2:]}
+
+
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "G": 1e9}
+
+
+def assert_cell_shows(cell: str, value: float) -> None:
+    """A cell like '1,234.56 MiB' or '0.812 G' shows `value` to its last printed digit, in the largest unit
+    that keeps the number >= 1 (so a value in the wrong row, column or unit fails)."""
+    number, unit = cell.split()
+    decimals = len(number.partition(".")[2])
+    scale = UNITS[unit]
+    assert abs(float(number.replace(",", "")) * scale - value) <= (0.5 * 10**-decimals + 1e-9) * scale, (cell, value)
+    if unit in ("KiB", "MiB", "GiB"):
+        assert value >= scale, (cell, value)
+    if unit in ("B", "KiB", "MiB"):
+        assert value < 1024 * scale, (cell, value)
+
+
+KV_LABELS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "GQA + sliding window"}
+
+
+def test_report_md_rows_show_flops_and_kv_cache_of_config(tmp_path):
+    """report.md, read back cell by cell, shows flops_per_token and kv_cache_bytes_per_token of each model at
+    the requested context (catches a value in the wrong row / column / unit, or the context not passed on)."""
+    names, ctx = ["nano", "gpt-oss-20b", "gpt-oss-120b"], 8192
+    table = md_table(write_report(names, tmp_path, context=ctx)["md"].read_text())
+    assert set(next(iter(table.values()))) == set(names)
+    for name in names:
+        cfg = get_config(name)
+        train, infer = flops_per_token(cfg, ctx, training=True), flops_per_token(cfg, ctx, training=False)
+        assert_cell_shows(table["FLOPs per token, training (fwd + bwd)"][name], train)
+        assert_cell_shows(table["FLOPs per token, inference (fwd)"][name], infer)
+        kv = kv_cache_bytes_per_token(cfg, ctx, 2)
+        for key, label in KV_LABELS.items():
+            assert_cell_shows(table[f"KV cache per token, {label}"][name], kv[key])
+            assert_cell_shows(table[f"KV cache for {ctx:,} tokens, {label}"][name], kv[key] * ctx)
+        # the context reaches the numbers: at 4096 the attention FLOPs (and the sliding share) differ
+        assert table["FLOPs per token, training (fwd + bwd)"][name] != f"{flops_per_token(cfg, 4096) / 1e9:,.3f} G"
+    kv20 = kv_cache_bytes_per_token(get_config("gpt-oss-20b"), ctx, 2)
+    assert kv20["gqa"] == 24 * 2 * 8 * 64 * 2  # layers x (K, V) x kv heads x head dim x bf16 bytes
+    assert table["KV cache per token, GQA"]["gpt-oss-20b"] == "48.00 KiB"
 
 
 def test_write_report_files_hold_the_config_numbers(tmp_path):
@@ -99,7 +137,7 @@ def test_write_report_files_hold_the_config_numbers(tmp_path):
         assert f"({p['total']:,})" in md and f"({p['active']:,})" in md
         assert saved[name]["params"] == p
         assert saved[name]["flops_per_token_train"] == flops_per_token(get_config(name), 8192)
-    assert "20.915B" in md and "3.608B" in md  # OpenAI's quoted totals (excl. unembedding) for 20b
+    assert "20.915B" in md and "3.608B" in md  # OpenAI's quoted total / active (excl. unembedding)
 
 
 def test_report_reads_presets_config_files_and_dirs(tmp_path):
@@ -268,15 +306,49 @@ def test_analyze_cli_on_an_export_and_a_run(tmp_path, capsys):
 
     export = save_model(tiny_model(3), tmp_path / "export")
     main = launch_main("analyze")
-    assert main(["attention", "--model", str(export), "--prompt_ids", ",".join(map(str, range(1, 40))),
-                 "--out", str(tmp_path / "att")]) == 0
+    ids = ",".join(map(str, range(1, 40)))
+    assert main(["attention", "--model", str(export), "--token_ids", ids, "--out", str(tmp_path / "att")]) == 0
     assert_png(tmp_path / "att" / "attention.png")
+    assert main(["expert-usage", "--model", str(export), "--token_ids", ids, "--seq_len", "16",
+                 "--out", str(tmp_path / "em")]) == 0
+    counts = json.loads((tmp_path / "em" / "expert_usage_model.json").read_text())
+    assert counts["tokens"] == 32 and all(sum(layer) == 32 * 2 for layer in counts["counts"])  # 2 windows of 16
     # the o200k tokenizer's ids do not fit a 512-token test vocabulary: a one-line user error
     assert main(["expert-usage", "--model", str(export), "--out", str(tmp_path / "e")]) == 2
     assert "vocabulary" in capsys.readouterr().err
     run = write_run(tmp_path / "run", "tiny", synthetic_records())
     assert main(["expert-usage", "--run", str(run), "--out", str(tmp_path / "e")]) == 0
     assert_png(tmp_path / "e" / "expert_usage_training.png")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["attention", "--token_ids", "1,512,3"], "--token_ids: id 512 is outside the model's vocabulary [0, 512)"),
+    (["attention", "--token_ids", "1,-2"], "id -2 is outside"),
+    (["attention", "--token_ids", "1,x"], "--token_ids '1,x': expected comma-separated integers"),
+    (["attention", "--token_ids", "1,2", "--layers", "7"], "layers [7]"),
+    (["expert-usage", "--token_ids", "600"], "id 600 is outside"),
+    (["expert-usage", "--token_ids", ","], "expected comma-separated integers"),
+])
+def test_analyze_cli_token_id_errors_are_one_line(tmp_path, capsys, argv, needle):
+    from gptoss.export import save_model
+
+    export = save_model(tiny_model(4), tmp_path / "export")
+    cmd = [argv[0], "--model", str(export), *argv[1:], "--out", str(tmp_path / "o")]
+    assert launch_main("analyze")(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("analyze.py: error:") and needle in err[0], err
+
+
+def test_analyze_cli_input_flags_exclude_each_other(tmp_path, capsys):
+    main = launch_main("analyze")
+    for argv in (["attention", "--model", "m", "--prompt", "hi", "--token_ids", "1"],
+                 ["expert-usage", "--model", "m", "--text", "t.txt", "--token_ids", "1"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    run = write_run(tmp_path / "run", "tiny", synthetic_records())
+    assert main(["expert-usage", "--run", str(run), "--token_ids", "1", "--out", str(tmp_path)]) == 2
+    assert "go with --model" in capsys.readouterr().err
 
 
 def test_launch_scripts_run_as_scripts(tmp_path):
@@ -303,3 +375,69 @@ def test_compare_trains_both_models_with_the_trainer(tmp_path, tiny_data):
     assert runs[0].records[-1]["tokens"] == runs[1].records[-1]["tokens"]  # same budget
     assert all(len(r.val_curve()[0]) == 2 for r in runs)
     assert np.isfinite([r.val_curve()[2][-1] for r in runs]).all()
+
+
+def test_analyze_commands_on_a_trained_run(tmp_path, tiny_data):
+    """The real trainer (4 steps of tiny on tiny_data), then every analyze command through the launch script
+    in a fresh interpreter, on the run dir itself (its DeepSpeed checkpoint and metrics, no export)."""
+    from conftest import TINY_VOCAB, TRAIN, launch, read_metrics, train_flags
+
+    from gptoss.analysis.loading import load_model
+
+    run = tmp_path / "run"
+    trained = launch(TRAIN, *train_flags(tiny_data, run, steps=4))
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-3000:]
+    ids = [1]
+    while len(ids) < 64:  # the data's own rule, t -> 5t + 3
+        ids.append((5 * ids[-1] + 3) % TINY_VOCAB)
+    token_ids = ",".join(map(str, ids))
+    cfg = get_config("tiny", vocab_size=TINY_VOCAB)
+
+    def analyze(*args: str) -> Path:
+        out = tmp_path / args[0]
+        proc = launch(REPO / "launch" / "analyze.py", *args, "--out", str(out), timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return out
+
+    out = analyze("report", "--model", str(run), "--context", "256")
+    assert_png(out / "report.png")
+    column = md_table((out / "report.md").read_text())
+    assert column["parameters, total"]["run"].endswith(f"({param_counts(cfg)['total']:,})")
+    assert_cell_shows(column["FLOPs per token, training (fwd + bwd)"]["run"], flops_per_token(cfg, 256))
+    assert_cell_shows(column["KV cache per token, GQA + sliding window"]["run"],
+                      kv_cache_bytes_per_token(cfg, 256)["gqa_sliding"])
+    assert json.loads((out / "report.json").read_text())["run"]["params"] == param_counts(cfg)
+
+    out = analyze("expert-usage", "--run", str(run))
+    assert_png(out / "expert_usage_training.png")
+    logged = json.loads((out / "expert_usage_training.json").read_text())
+    metrics = read_metrics(run)
+    assert logged["steps"] == [1, 2, 3, 4]
+    assert logged["expert_load"] == [metrics[s]["expert_load"] for s in (1, 2, 3, 4)]
+    assert np.allclose(np.sum(logged["expert_load"], -1), 1.0)
+    assert (out / "expert_usage_training.md").read_text().count("\n| ") == cfg.num_hidden_layers
+
+    out = analyze("expert-usage", "--model", str(run), "--token_ids", token_ids, "--seq_len", "32")
+    assert_png(out / "expert_usage_model.png")
+    used = json.loads((out / "expert_usage_model.json").read_text())
+    counts = np.array(used["counts"])
+    assert used["tokens"] == 64 and counts.shape == (cfg.num_hidden_layers, cfg.num_local_experts)
+    assert (counts.sum(-1) == 64 * cfg.num_experts_per_tok).all()  # every token, k experts, every layer
+    assert "64 tokens" in (out / "expert_usage_model.md").read_text()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI ran (OMP_NUM_THREADS=1): the same sums, the same routing
+    try:  # the CLI ran the trained weights: the same counts in this process
+        direct = expert_counts_from_model(load_model(run), token_batches(ids, 32, 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(direct.numpy(), counts)
+
+    out = analyze("attention", "--model", str(run), "--token_ids", token_ids)
+    assert_png(out / "attention.png")
+    maps = json.loads((out / "attention.json").read_text())
+    assert maps["token_ids"] == ids
+    assert [m["kind"] for m in maps["layers"]] == ["sliding_attention", "full_attention"]
+    for m in maps["layers"]:
+        assert len(m["sink_mass_per_head"]) == cfg.num_attention_heads
+        assert all(0.0 <= v <= 1.0 for v in m["sink_mass_per_head"])
+    assert "(64 tokens)" in (out / "attention.md").read_text()

@@ -1,5 +1,6 @@
 """Export: real DeepSpeed checkpoints from launch/train.py -> HF directories that transformers loads with
 no missing or unexpected keys and whose logits and greedy generations equal ours; clear errors otherwise.
+A GPT-2 baseline shape GPT2LMHeadModel cannot hold goes to our own format, which load_model reads back.
 
 Fast tests share one single-rank run (fp32, ZeRO-2, 2 steps, 512-token vocab); the expert-parallel and
 bf16 runs need two ranks and are marked slow.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -210,6 +212,98 @@ def test_gpt2_baseline_exports_to_gpt2lmheadmodel(tiny_data, tmp_path):
     assert generate(ours, prompt[0], 20, temperature=0) == expected
     _, master = load_state_dict(run, master_weights=True)  # tied lm_head: one optimizer entry
     assert torch.equal(master["lm_head.weight"], master["wte.weight"])
+
+
+def test_untied_gpt2_exports_to_gpt2lmheadmodel(tmp_path, caplog):
+    """Untied embeddings are something GPT2LMHeadModel can hold (tie_word_embeddings=False)."""
+    torch.manual_seed(0)
+    model = build_model(get_config("gpt2-tiny", vocab_size=512, tie_word_embeddings=False)).eval()
+    assert not torch.equal(model.lm_head.weight, model.wte.weight)
+    with caplog.at_level(logging.WARNING, logger="gptoss.export"):
+        out = save_model(model, tmp_path / "untied")
+    assert not export_warnings(caplog) and (out / "config.json").is_file()
+    hf = hf_load(out, cls="GPT2LMHeadModel")
+    x = tokens(512)
+    with torch.no_grad():
+        assert max_diff(hf(x).logits, model(x).logits) < 1e-4
+
+
+# A GPT-2 baseline shape GPT2LMHeadModel cannot hold: 4 heads of 8 in a 64-wide model.
+NARROW_HEADS = dict(vocab_size=512, head_dim=8)
+NARROW_REASON = ("GPT2LMHeadModel needs num_attention_heads * head_dim == hidden_size, but this config has "
+                 "4 * 8 = 32 != hidden_size 64")
+
+
+def export_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gptoss.export" and r.levelno == logging.WARNING]
+
+
+def assert_our_format(out: Path, message: str, tied: bool = True, sharded: bool = False) -> None:
+    names = {p.name for p in out.iterdir()}
+    weights = {"model.safetensors"}
+    if sharded:  # sharded and indexed as in the transformers format
+        shards = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+        assert len(shards) > 1 and f"model-00001-of-{len(shards):05d}.safetensors" in shards
+        weights = shards | {"model.safetensors.index.json"}
+    assert names == weights | {"gptoss_config.json"}  # no config.json: nothing takes it for a transformers dir
+    assert "\n" not in message and str(out) in message and "own format" in message and NARROW_REASON in message
+    from safetensors import safe_open
+
+    keys: dict[str, list[int]] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            keys.update({k: st.get_slice(k).get_shape() for k in st.keys()})  # noqa: SIM118 - not a dict
+    assert keys["h.0.attn.c_attn.weight"] == [96, 64] and keys["h.0.attn.c_proj.weight"] == [64, 32]  # our Linear
+    assert ("lm_head.weight" in keys) != tied  # tied: stored once, as wte.weight
+
+
+@pytest.mark.parametrize("tied,max_shard_size", [(True, "5GB"), (False, "5GB"), (True, "40KB")],
+                         ids=["tied", "untied", "sharded"])
+def test_gpt2_shape_transformers_cannot_hold_exports_our_format(tmp_path, caplog, tied, max_shard_size):
+    torch.manual_seed(0)
+    model = build_model(get_config("gpt2-tiny", **NARROW_HEADS, tie_word_embeddings=tied)).eval()
+    with caplog.at_level(logging.WARNING, logger="gptoss.export"):
+        out = save_model(model, tmp_path / "narrow", max_shard_size=max_shard_size)
+    (message,) = export_warnings(caplog)
+    assert_our_format(out, message, tied, sharded=max_shard_size != "5GB")
+    assert no_partial_dirs(tmp_path)
+    cfg, state = read_export(out)
+    assert cfg == model.config
+    ref = model.state_dict()
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    loaded = load_model(out, "cpu", "fp32")
+    assert (loaded.lm_head.weight is loaded.wte.weight) == tied
+    x = tokens(512)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    prompt = tokens(512, batch=1, length=5)
+    assert generate(loaded, prompt[0], 8, temperature=0) == generate(model, prompt[0], 8, temperature=0)
+    bf16 = load_model(out, "cpu", "bf16")
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_gpt2_shape_transformers_cannot_hold_through_train_and_the_cli(tiny_data, tmp_path):
+    """The real path: launch/train.py checkpoint -> launch/export.py (exit 0, the reason on one stderr line)
+    -> load_model gives the checkpoint's logits; --overwrite replaces it atomically."""
+    cfg_path = tmp_path / "narrow.json"
+    get_config("gpt2-tiny", **NARROW_HEADS).save(cfg_path)
+    run = train(tiny_data, tmp_path / "run", model=cfg_path)
+    out = tmp_path / "narrow"
+    for extra in ((), ("--overwrite", "--dtype", "bf16")):
+        proc = launch(EXPORT, str(run), "--out", str(out), "--quiet", *extra, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if "own format" in line]
+        assert len(lines) == 1, proc.stderr
+        assert_our_format(out, lines[0])
+        assert no_partial_dirs(tmp_path) and not any(".old-" in p.name for p in tmp_path.iterdir())
+    loaded = load_model(out, "cpu", "fp32")
+    assert loaded.lm_head.weight.dtype == torch.float32 and read_export(out)[1]["wte.weight"].dtype == torch.bfloat16
+    ours = model_from_state_dict(*load_state_dict(run))
+    with torch.no_grad():
+        for p in ours.parameters():  # what the bf16 export rounded
+            p.copy_(p.to(torch.bfloat16).float())
+        x = tokens(512)
+        assert torch.equal(loaded(x).logits, ours.eval()(x).logits)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

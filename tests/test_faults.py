@@ -5,7 +5,8 @@ is one clear line naming the file or key and the fix.
              arithmetic, vocab, context, ep_size, ZeRO-3) are in test_train.py::test_user_errors_are_one_line
     data     truncated .bin, flipped bytes (--verify_data), ids outside the vocabulary, empty validation split
     save     SIGKILL in the middle of writing a checkpoint file; a broken `latest`; pruning
-    numbers  NaN losses are skipped, then the run stops with the last good weights
+    numbers  NaN losses are skipped, then the run stops with the last good weights; a finite loss with an inf/NaN
+             gradient (dense and expert parameters) is skipped and counted, and training goes on unharmed
     ranks    a rank killed under torchrun; a rank that dies or hangs under a launcher that does not watch its
              children (srun): the other fails within --timeout_min instead of waiting forever
 """
@@ -350,6 +351,91 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
     at4 = torch.load(ckpt / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     at7 = torch.load(ckpt / "step00000007" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert at4.keys() == at7.keys() and all(torch.equal(at4[k], at7[k]) for k in at4)
+
+
+GRAD_WRAPPER = """
+import os, sys
+import gptoss.train as t
+# GRAD_FAULTS="3:inf:lm_head.weight,6:nan:gate_up_proj": at step 3 one element of the first matching parameter's
+# gradient becomes inf, in the step's first micro-batch only (the loss stays finite).
+faults = {int(s): (float(v), suffix) for s, v, suffix in (f.split(":") for f in os.environ["GRAD_FAULTS"].split(","))}
+build_engine, train_step, step, fired = t.build_engine, t.train_step, [0], [False]
+def poison_at(name):
+    def hook(grad):
+        value, suffix = faults.get(step[0], (None, None))
+        if fired[0] or suffix is None or not name.endswith(suffix):
+            return grad
+        fired[0] = True
+        grad = grad.clone()
+        grad.view(-1)[0] = value
+        return grad
+    return hook
+def hooked(plan):
+    engine = build_engine(plan)
+    params = dict(engine.module.named_parameters())
+    for _, suffix in faults.values():
+        name = next(n for n in params if n.endswith(suffix))
+        params[name].register_hook(poison_at(name))
+    return engine
+def counted(*args, **kwargs):
+    step[0] += 1
+    fired[0] = False
+    return train_step(*args, **kwargs)
+t.build_engine, t.train_step = hooked, counted
+sys.exit(t.main(t.args_from_namespace(t.arg_parser().parse_args())))
+"""
+
+
+def test_nonfinite_gradient_with_finite_loss_is_skipped(tiny_data, tmp_path):
+    """The loss is finite but one gradient element is not: inf in the unembedding at step 3, NaN in an expert's
+    weights (DeepSpeed's separate MoE parameter group) at step 6, each in the first of the step's two
+    micro-batches only. Both steps are skipped and counted, the weights, the LR schedule and Adam's moments are
+    left as they were, training goes on with finite losses and the run finishes with exit 0."""
+    wrapper = tmp_path / "grad_train.py"
+    wrapper.write_text(GRAD_WRAPPER)
+    out = tmp_path / "grad"
+    flags = train_flags(tiny_data, out, "--max_bad_steps", "2", "--save_every", "1", "--keep_last", "0",
+                        "--eval_every", "0", steps=10)
+    proc = ok(launch(wrapper, *flags, env=cpu_env(GRAD_FAULTS="3:inf:lm_head.weight,6:nan:gate_up_proj")))
+    assert "step 3 skipped" in proc.stderr and "step 6 skipped" in proc.stderr, proc.stderr[-3000:]
+    m = read_metrics(out)
+    assert sorted(m) == list(range(1, 11))
+    assert [s for s in m if m[s]["skipped"]] == [3, 6]
+    assert [m[s]["skipped_total"] for s in m] == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+    for s in (3, 6):
+        assert m[s]["loss"] is not None and m[s]["grad_norm"] is None  # finite loss; inf norm written as null
+        assert m[s + 1]["lr"] == m[s]["lr"]  # the skipped step did not advance the schedule
+    assert all(m[s]["grad_norm"] is not None for s in m if s not in (3, 6))
+    assert all(m[s]["loss"] < m[1]["loss"] for s in range(7, 11))  # later steps still learn
+
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000010"
+
+    def states(step: int) -> dict[str, torch.Tensor]:
+        """Every tensor of a checkpoint's model and optimizer files (dense and expert), by file and key path."""
+        found = {}
+
+        def walk(prefix: str, obj) -> None:
+            if isinstance(obj, torch.Tensor):
+                found[prefix] = obj
+            elif isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}/{k}", v)
+            elif isinstance(obj, (list, tuple)):
+                for i, v in enumerate(obj):
+                    walk(f"{prefix}/{i}", v)
+
+        for f in sorted((ckpt / f"step{step:08d}").glob("*.pt")):
+            if not f.name.startswith("rank"):  # rank*_state.pt: RNG and sampler, which do move on
+                walk(f.name, torch.load(f, weights_only=False))
+        return found
+
+    for bad in (3, 6):
+        before, at = states(bad - 1), states(bad)
+        assert before.keys() == at.keys() and len(before) > 10
+        assert all(torch.equal(before[k], at[k]) for k in before), bad
+        after = states(bad + 1)
+        assert any(not torch.equal(at[k], after[k]) for k in at if "module" in k)  # the next step trains
 
 
 # ---- ranks -------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -212,9 +213,18 @@ def full_vocab_export(tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("export") / "tiny-full-vocab")
 
 
+def test_full_vocab_export_carries_the_harmony_ids(full_vocab_export):
+    gen = json.loads((full_vocab_export / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == 199998  # <|startoftext|>
+    assert gen["eos_token_id"] == [199999, 200002]  # <|endoftext|> ends a story, <|return|> a harmony reply
+    assert gen["pad_token_id"] == 199999
+    hf = json.loads((full_vocab_export / "config.json").read_text())
+    assert (hf["vocab_size"], hf["eos_token_id"], hf["pad_token_id"]) == (201088, 200002, 199999)
+
+
 def test_cli_prints_a_story_from_an_export(full_vocab_export):
-    prompt_text = "A little girl went to the woods"
-    proc = run_cli(str(full_vocab_export), "--prompt", prompt_text, "--max_new_tokens", "12", "--seed", "0",
+    prompt_text = "A little girl went to the woods"  # the default prompt: leaving --prompt out gives the same
+    proc = run_cli(str(full_vocab_export), "--max_new_tokens", "12", "--seed", "0",
                    "--num_samples", "2", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = proc.stdout.split("\n\n---\n\n")

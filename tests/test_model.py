@@ -18,7 +18,7 @@ from gptoss.model.attention import (
 )
 from gptoss.model.layers import RMSNorm, apply_rotary, clamped_swiglu, yarn_inv_freq
 from gptoss.model.loss import chunked_cross_entropy
-from gptoss.model.moe import load_balancing_loss
+from gptoss.model.moe import MoEFeedForward, load_balancing_loss
 
 TINY = dict(vocab_size=512)
 
@@ -184,6 +184,36 @@ def test_load_balancing_loss_hand_checked():
     assert load_balancing_loss(logits, torch.tensor([4, 0])).item() == pytest.approx(2 * p0)
 
 
+def test_router_statistics_on_a_hand_routed_batch():
+    """Router weight only on hidden dim 0: tokens with x0 = +1 pick experts (0, 2), x0 = -1 pick (1, 3)."""
+    layer = MoEFeedForward(get_config("tiny", **TINY)).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, 0] = torch.tensor([2.0, -2.0, 1.0, -1.0])
+        layer.router.bias.zero_()
+        for p in layer.local_experts.parameters():
+            p.normal_(0, 0.1)
+    x = torch.zeros(4, layer.router.in_features)
+    x[:, 0] = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    x[:, 1:] = torch.randn(4, x.shape[1] - 1)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_counts.tolist() == [3, 1, 3, 1]
+    # aux = E * sum_e f_e * P_e with f = counts / N and P the mean router softmax over all E experts
+    z = math.exp(2) + math.exp(-2) + math.exp(1) + math.exp(-1)
+    p_plus = [math.exp(v) / z for v in (2, -2, 1, -1)]
+    p_minus = p_plus[1::-1] + p_plus[3:1:-1]  # the same logits negated
+    mean_p = [(3 * a + b) / 4 for a, b in zip(p_plus, p_minus)]
+    f = [0.75, 0.25, 0.75, 0.25]
+    assert layer.last_aux_loss.item() == pytest.approx(4 * sum(fe * pe for fe, pe in zip(f, mean_p)))
+    # output: softmax over the two chosen logits (2 and 1) weights the two experts
+    w_hi, w_lo = math.exp(2) / (math.exp(2) + math.exp(1)), math.exp(1) / (math.exp(2) + math.exp(1))
+    e = layer.local_experts
+    with torch.no_grad():
+        assert torch.allclose(y[0], w_hi * e[0](x[:1])[0] + w_lo * e[2](x[:1])[0], atol=1e-6)
+        assert torch.allclose(y[2], w_hi * e[1](x[2:3])[0] + w_lo * e[3](x[2:3])[0], atol=1e-6)
+
+
 def test_expert_counts_reported():
     torch.manual_seed(0)
     model = build_model(get_config("tiny", **TINY))
@@ -257,7 +287,7 @@ def test_param_counts_reproduce_released_models():
     assert round(p120["active_excl_unembedding"] / 1e9, 3) == 5.133
 
 
-@pytest.mark.parametrize("preset", ["tiny", "nano", "gpt2-nano", "gpt-oss-20b"])
+@pytest.mark.parametrize("preset", ["tiny", "nano", "gpt2-nano", "gpt-oss-20b", "gpt-oss-120b"])
 def test_param_counts_equal_built_model(preset):
     cfg = get_config(preset)
     model = build_model(cfg, device="meta")

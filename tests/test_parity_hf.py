@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,6 +67,8 @@ def test_load_hf_weights_into_ours():
     with torch.no_grad():
         assert (ours(x).logits - hf(x).logits).abs().max().item() < 1e-4
     assert from_hf_config(hf_config(cfg)) == cfg
+    odd = dataclasses.replace(cfg, swiglu_alpha=1.5, swiglu_limit=5.0, initializer_range=0.01)
+    assert from_hf_config(hf_config(odd)) == odd
 
 
 def test_loss_matches_transformers():
@@ -83,9 +87,12 @@ def test_gpt2_baseline_matches_transformers_gpt2():
     cfg = get_config("gpt2-tiny", vocab_size=512)
     torch.manual_seed(0)
     ours = build_model(cfg).eval()
+    with torch.no_grad():  # LayerNorms and biases too, so a dropped mapping cannot hide behind default init
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     hc = transformers.GPT2Config(**hf_config(cfg))
     hf = transformers.GPT2LMHeadModel(hc).eval()
-    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=True)
     x = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         assert (ours(x).logits - hf(x).logits).abs().max().item() < 1e-4

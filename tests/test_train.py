@@ -30,6 +30,8 @@ from conftest import (
     wait_for_metrics,
 )
 
+from gptoss.config import get_config
+
 STEPS = 8  # train_flags' default
 
 
@@ -151,6 +153,51 @@ def test_resume_refuses_other_model_or_layout(capsys, monkeypatch, run, tiny_dat
     assert "seq_len 32 -> 16" in line
     line = call_main(capsys, monkeypatch, tiny_data, run)  # a new run into a dir with checkpoints
     assert "already holds checkpoints" in line
+
+
+@pytest.mark.parametrize("ds_name, world, micro_accum", [
+    ("a40.json", 1, (16, 4)), ("a40.json", 4, (16, 1)),  # one A40, or the same global batch on four GPUs
+    ("multinode.json", 16, (16, 2)), ("multinode.json", 32, (16, 1)),  # 2 and 4 nodes of 8 GPUs, ep 8
+])
+def test_shipped_configs_plan_at_their_world_sizes(monkeypatch, tiny_data, tmp_path, ds_name, world, micro_accum):
+    """The shipped DeepSpeed configs pass every check (DeepSpeed's own included) at the world sizes their
+    comments promise; --tokens sets the step count and the schedule length from the global batch."""
+    from gptoss.train import TrainArgs, plan_run
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    model = tmp_path / "model8.json"  # tiny with nano's 8 experts, so ep 8 divides them
+    get_config(str(tiny_data / "model.json"), num_local_experts=8).save(model)
+    plan = plan_run(TrainArgs(ds_config=str(REPO / "ds_configs" / ds_name), model=str(model), data=str(tiny_data),
+                              out=str(tmp_path / "out"), tokens=10_000, seq_len=32))
+    assert (plan.micro, plan.accum) == micro_accum
+    assert plan.ep_size == (8 if ds_name == "multinode.json" else 1)
+    tokens_per_step = plan.global_batch * 32
+    assert plan.total_steps == math.ceil(10_000 / tokens_per_step)
+    assert plan.ds_config["scheduler"]["params"]["total_num_steps"] == plan.total_steps
+    assert plan.ds_config["bf16"]["enabled"] and plan.ds_config["zero_optimization"]["stage"] == 2
+
+
+def test_ranks_split_one_global_batch(tiny_data):
+    """Every rank slices its micro-batches out of the same global draw: disjoint slices that together are
+    exactly the global batch, so the data seen per step does not depend on the world size."""
+    from types import SimpleNamespace
+
+    from gptoss.data import BatchSampler, TokenDataset
+    from gptoss.train import my_rows
+
+    data = TokenDataset(tiny_data, "train", seq_len=32)
+    whole = BatchSampler(data, 8, seed=5).next_batch()
+    for world, micro in ((1, 4), (2, 2), (4, 1), (2, 4)):
+        accum = 8 // (micro * world)
+        rows = []
+        for rank in range(world):
+            plan = SimpleNamespace(micro=micro, accum=accum, rank=rank, train_data=data)
+            micro_batches = my_rows(BatchSampler(data, 8, seed=5), plan)
+            assert len(micro_batches) == accum and all(len(x) == micro for x, _ in micro_batches)
+            rows += micro_batches
+        assert torch.equal(torch.cat([x for x, _ in rows]), whole[0])
+        assert torch.equal(torch.cat([y for _, y in rows]), whole[1])
 
 
 def test_cli_error_has_no_traceback(tiny_data, tmp_path):

@@ -11,6 +11,7 @@ each query's attention goes nowhere.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,12 +108,13 @@ def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] 
 
 def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | Path, layers: list[int] | None = None,
                      tokens: list[str] | None = None) -> dict[str, Path]:
-    """attention.png (per-head maps + sink bars) and attention.md (sink mass per head per layer)."""
+    """attention.png (per-head maps + sink bars), attention.md (sink mass per head per layer) and
+    attention.json (the same numbers, with the token ids)."""
     from gptoss.analysis.plots import plot_attention
 
     maps = attention_maps(model, input_ids, layers)
     out = Path(out_dir)
-    paths = {"png": out / "attention.png", "md": out / "attention.md"}
+    paths = {"png": out / "attention.png", "md": out / "attention.md", "json": out / "attention.json"}
     plot_attention(maps, paths["png"], tokens=tokens)
     n_heads = maps[0].probs.shape[0]
     head = "| layer | kind | " + " | ".join(f"h{h}" for h in range(n_heads)) + " |\n|---|---|" + "---:|" * n_heads
@@ -120,18 +122,22 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
             for m in maps]
     paths["md"].write_text(f"Mean probability on the sink per head ({input_ids.numel()} tokens):\n\n"
                            + head + "\n" + "\n".join(rows) + "\n")
+    paths["json"].write_text(json.dumps({
+        "token_ids": input_ids.flatten().tolist(),
+        "layers": [{"layer": m.layer, "kind": m.kind, "window": m.window,
+                    "sink_mass_per_head": m.sink_mass_per_head.tolist()} for m in maps],
+    }, indent=2) + "\n")
     return paths
 
 
 def attention_report(model: str | Path, out_dir: str | Path, *, prompt: str | None = None,
-                     prompt_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
-    """The `analyze.py attention` command: load a model, encode the prompt (or take ids), draw the maps."""
-    from gptoss.analysis.loading import encode, load_model, token_strings
+                     token_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
+    """The `analyze.py attention` command: load a model, encode the prompt (or take its ids), draw the maps."""
+    from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
 
-    if (prompt is None) == (prompt_ids is None):
-        raise AnalysisError("give --prompt (text) or --prompt_ids (token ids), one of them")
+    if (prompt is None) == (token_ids is None):
+        raise AnalysisError("give --prompt (text) or --token_ids (ids), one of them")
     net = load_model(model)
-    ids = encode(prompt, net.config.vocab_size) if prompt is not None else list(prompt_ids or [])
-    if not ids or max(ids) >= net.config.vocab_size or min(ids) < 0:
-        raise AnalysisError(f"prompt ids must be in [0, {net.config.vocab_size}) and not empty")
+    vocab = net.config.vocab_size
+    ids = encode(prompt, vocab) if prompt is not None else check_token_ids(token_ids, vocab)
     return attention_figure(net, torch.tensor([ids]), out_dir, layers, tokens=token_strings(ids))

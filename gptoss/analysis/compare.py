@@ -122,7 +122,7 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
         f"{num(r['final_val_loss'], '.4f')} | {num(r['best_val_loss'], '.4f')} | {num(r['final_train_loss'], '.4f')} | "
         f"{num(r['train_seconds'], ',.1f')} | {num(r['tokens_per_s'], ',.0f')} | {millions(r['params_total'])} | "
         f"{millions(r['params_active'])} | {millions(r['params_active_non_embedding'])} |" for r in rows)
-    return head + body + ("\n\ntraining s: time in training steps rebuilt from the logged tokens/s (evaluation and "
+    return head + body + ("\n\ntraining s: time in training steps as the trainer logs it (elapsed_s; evaluation and "
                           "checkpointing excluded); tokens/s = tokens / training s.")
 
 

@@ -7,6 +7,7 @@ one puts most of the mass on a few experts, which wastes parameters (the aux los
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -79,48 +80,74 @@ def imbalance_markdown(load: np.ndarray, columns: dict[str, int]) -> str:
 
 
 def expert_usage_from_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """expert_usage_training.png (per-layer heatmaps over steps) and .md (imbalance, first vs last step)."""
+    """expert_usage_training.png (per-layer heatmaps over steps), .md (imbalance, first vs last step) and
+    .json (the logged steps and loads)."""
     from gptoss.analysis.plots import plot_expert_load
     from gptoss.analysis.runs import read_metrics
 
     steps, load = expert_load_from_metrics(read_metrics(run_dir))
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md"}
+    paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md",
+             "json": out / "expert_usage_training.json"}
     plot_expert_load(steps, load, paths["png"], title=f"Expert load over training: {Path(run_dir).name}")
     cols = {f"step {steps[0]}": 0, f"step {steps[-1]}": len(steps) - 1}
     paths["md"].write_text(imbalance_markdown(load, cols) + "\n")
+    paths["json"].write_text(json.dumps({"run": str(run_dir), "steps": steps.tolist(),
+                                         "expert_load": load.tolist()}) + "\n")
     return paths
 
 
 def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], out_dir: str | Path,
                             name: str = "model") -> dict[str, Path]:
-    """expert_usage_model.png (layers x experts shares) and .md from running the model on the batches."""
+    """expert_usage_model.png (layers x experts shares), .md (imbalance) and .json (the counts) from running
+    the model on the batches."""
     from gptoss.analysis.plots import plot_expert_counts
 
+    batches = list(batches)
     counts = expert_counts_from_model(model, batches).numpy()
+    tokens = sum(b.numel() for b in batches)
+    top_k = getattr(model.config, "num_experts_per_tok", None)
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_model.png", "md": out / "expert_usage_model.md"}
+    paths = {"png": out / "expert_usage_model.png", "md": out / "expert_usage_model.md",
+             "json": out / "expert_usage_model.json"}
     plot_expert_counts(counts, paths["png"], title=f"Tokens per expert: {name} "
                                                    f"({int(counts[0].sum()):,} assignments per layer)")
     share = counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
-    paths["md"].write_text(imbalance_markdown(share[None], {name: 0}) + "\n")
+    paths["md"].write_text(f"{tokens:,} tokens, {top_k} experts per token: {int(counts[0].sum()):,} assignments "
+                           "per layer.\n\n" + imbalance_markdown(share[None], {name: 0}) + "\n")
+    paths["json"].write_text(json.dumps({"model": name, "tokens": tokens, "experts_per_token": top_k,
+                                         "counts": counts.astype(np.int64).tolist()}) + "\n")
     return paths
 
 
 def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: str | Path | None = None,
-                 text: str | Path | None = None, seq_len: int = 256, max_batches: int = 8) -> dict[str, Path]:
+                 text: str | Path | None = None, token_ids: list[int] | None = None, seq_len: int = 256,
+                 max_batches: int = 8) -> dict[str, Path]:
     """The `analyze.py expert-usage` command: from a run's metrics, or a model run on text (default: the
-    TinyStories sample shipped with gptoss)."""
+    TinyStories sample shipped with gptoss) or on given token ids (a small-vocabulary model).
+
+    Windows of `seq_len` tokens, at most `max_batches` of them; input shorter than one window runs as one.
+    """
     if (run is None) == (model is None):
         raise AnalysisError("give --run (metrics over training) or --model (run a model on text), one of them")
+    if text is not None and token_ids is not None:
+        raise AnalysisError("give --text or --token_ids, not both")
     if run is not None:
+        if text is not None or token_ids is not None:
+            raise AnalysisError("--text and --token_ids go with --model (a run's metrics need no input)")
         return expert_usage_from_run(run, out_dir)
-    from gptoss.analysis.loading import encode, load_model
+    if seq_len < 1 or max_batches < 1:
+        raise AnalysisError(f"--seq_len {seq_len} --max_batches {max_batches}: both must be >= 1")
+    from gptoss.analysis.loading import check_token_ids, encode, load_model
     from gptoss.data import SAMPLE_PATH
 
     net = load_model(model)
-    source = Path(text) if text else SAMPLE_PATH
-    if not source.is_file():
-        raise AnalysisError(f"--text {source}: no such file")
-    ids = encode(source.read_text(encoding="utf-8"), net.config.vocab_size)
-    return expert_usage_from_model(net, token_batches(ids, seq_len, max_batches), out_dir, name=Path(model).name)
+    if token_ids is not None:
+        ids = check_token_ids(token_ids, net.config.vocab_size)
+    else:
+        source = Path(text) if text else SAMPLE_PATH
+        if not source.is_file():
+            raise AnalysisError(f"--text {source}: no such file")
+        ids = encode(source.read_text(encoding="utf-8"), net.config.vocab_size)
+    batches = token_batches(ids, min(seq_len, len(ids)), max_batches)
+    return expert_usage_from_model(net, batches, out_dir, name=Path(model).name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -108,6 +109,23 @@ def test_parquet_directory_validation_split_and_glob(tmp_path: Path) -> None:
     assert read_docs(tmp_path / "out/val.bin") == STORIES[5:]
     assert read_docs(tmp_path / "out/train.bin") == STORIES[:5]
     assert meta["val_from"] == "source validation split"
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_gzipped_sources_equal_the_plain_ones(tmp_path: Path, fmt: str) -> None:
+    """TinyStories mirrors often ship .txt.gz / .jsonl.gz: same tokens as the uncompressed file."""
+    plain = tmp_path / f"stories.{fmt}"
+    if fmt == "txt":
+        write_txt(plain, STORIES)
+    else:
+        plain.write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES), encoding="utf-8")
+    packed = tmp_path / f"stories.{fmt}.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a = prepare_dataset(str(plain), tmp_path / "plain", num_proc=1, val_fraction=0.3, seed=2)
+    b = prepare_dataset(str(packed), tmp_path / "packed", num_proc=1, val_fraction=0.3, seed=2)
+    assert {k: v["sha256"] for k, v in a["splits"].items()} == {k: v["sha256"] for k, v in b["splits"].items()}
+    docs = read_docs(tmp_path / "packed/train.bin") + read_docs(tmp_path / "packed/val.bin")
+    assert sorted(docs) == sorted(STORIES)
 
 
 def test_tiny_source_still_gets_a_validation_document(tmp_path: Path) -> None:

@@ -229,11 +229,13 @@ def test_chunked_cross_entropy_equals_plain():
     h = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(300, 16, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 300, (50,), generator=g)
-    got = chunked_cross_entropy(h, w, t, chunk_tokens=7)
     ref = F.cross_entropy(h @ w.t(), t)
-    torch.testing.assert_close(got.double(), ref)
-    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(ref, (h, w))):
-        torch.testing.assert_close(a, b)
+    ref_grads = torch.autograd.grad(ref, (h, w), retain_graph=True)
+    for chunk_tokens in (7, 50, None):  # checkpointed chunks; one chunk exactly; the default (one, unchecked)
+        got = chunked_cross_entropy(h, w, t, chunk_tokens=chunk_tokens)
+        torch.testing.assert_close(got.double(), ref)
+        for a, b in zip(torch.autograd.grad(got, (h, w)), ref_grads):
+            torch.testing.assert_close(a, b)
 
 
 def test_full_model_fast_path_equals_eager_path():

@@ -18,17 +18,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against targets, computed chunk by chunk.
 
-    Each chunk runs under activation checkpointing, so forward and backward hold the logits of one
-    chunk only (about 1 GiB of fp32 at most by default) instead of [tokens x vocab]. Same value and
-    gradient as `F.cross_entropy(hidden @ weight.T, targets)`.
+    With more than one chunk, each runs under activation checkpointing, so forward and backward hold the
+    logits of one chunk only (about 1 GiB of fp32 at most by default) instead of [tokens x vocab]. When
+    everything fits in one chunk (small vocabularies), checkpointing would save nothing and only run the
+    logits matmul twice, so it is skipped. Same value and gradient as
+    `F.cross_entropy(hidden @ weight.T, targets)`.
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if chunk_tokens is None:
         chunk_tokens = max(256, (1 << 28) // weight.shape[0])
+    recompute = hidden.shape[0] > chunk_tokens and torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if recompute:
             total = total + checkpoint(_chunk_loss_sum, hidden[sl], weight, targets[sl], use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(hidden[sl], weight, targets[sl])

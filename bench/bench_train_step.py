@@ -118,7 +118,6 @@ def breakdown_worker(args: argparse.Namespace) -> dict[str, Any]:
     timed round-robin so that load from other processes spreads over all components alike."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-
     T = args.seqs[0]
     cfg = bench_config(args, layers=2)  # layer 0 sliding, layer 1 full
     ours, hf = build_side("ours", cfg), build_side("hf", cfg)

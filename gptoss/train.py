@@ -21,7 +21,8 @@ Checkpoint layout (`<out>/checkpoints/`):
     latest                       the tag of the newest complete checkpoint (written last, atomically)
     step00000100/                one tag per save, `step{N:08d}`; DeepSpeed's own files, plus
         rank{r}_state.pt         per rank: RNG states (python, numpy, torch, accelerator), sampler, step
-        train_state.json         rank 0: step, tokens, model_config, world/ep/batch layout (no torch needed)
+        train_state.json         rank 0: step, tokens, train_seconds, model_config, world/ep/batch layout
+                                 (no torch needed)
 A save writes every file, flushes them to disk, then writes train_state.json and renames `latest` into place;
 a crash before that rename leaves `latest` on the previous checkpoint. `--resume` reads `latest` only, a
 half-written tag dir is cleared when that step is saved again, and pruning never deletes what `latest` names.
@@ -271,13 +272,13 @@ def _check_with_deepspeed(ds: dict[str, Any], path: str, micro: int, accum: int)
         DeepSpeedConfig(probe)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(part) for part in err["loc"])
-        section = next((name for name, value in ds.items() if isinstance(value, dict) and err["loc"]
-                        and err["loc"][0] in value), None)
-        where = f"{section}.{key}" if section else key
+        loc = tuple(str(part) for part in err["loc"])
+        section = _section_of(ds, loc, err.get("input"), unknown=err["type"] == "extra_forbidden")
+        where = ".".join(((section,) if section else ()) + loc)
         if err["type"] == "extra_forbidden":
-            known = _config_model_fields(DeepSpeedConfigModel, e.title)
-            close = difflib.get_close_matches(str(err["loc"][-1]), sorted(known), n=1, cutoff=0.6)
+            model = _nested_model(_config_model(DeepSpeedConfigModel, e.title), loc[:-1])
+            known = {f.alias or n for n, f in model.model_fields.items()} if model else set()
+            close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else f"see {e.title} in DeepSpeed's config docs"
             raise TrainError(f"--ds_config {path}: unknown DeepSpeed key '{where}' ({hint})") from None
         raise TrainError(f"--ds_config {path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
@@ -285,15 +286,48 @@ def _check_with_deepspeed(ds: dict[str, Any], path: str, micro: int, accum: int)
         raise TrainError(f"--ds_config {path}: DeepSpeed rejects it: {e}") from None
 
 
-def _config_model_fields(base: type, name: str) -> set[str]:
-    """Field names (and aliases) of the DeepSpeed config model class called `name`."""
+def _section_of(ds: dict[str, Any], loc: tuple[str, ...], value: Any, unknown: bool) -> str | None:
+    """The top-level section whose nested keys hold `loc` (with `value` there), e.g. 'bf16' for ('enabled',)."""
+    for name, section in ds.items():
+        node: Any = section
+        for part in loc:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            if unknown or node == value:
+                return name
+    return None
+
+
+def _config_model(base: type, name: str) -> type | None:
+    """The DeepSpeed config model class called `name` (pydantic errors carry only the class name)."""
     stack = [base]
     while stack:
         cls = stack.pop()
         if cls.__name__ == name:
-            return {f.alias or n for n, f in cls.model_fields.items()}
+            return cls
         stack.extend(cls.__subclasses__())
-    return set()
+    return None
+
+
+def _nested_model(model: type | None, path: tuple[str, ...]) -> type | None:
+    """Follow `path` through the model's fields (Optional/Union annotations included) to the innermost model."""
+    import typing
+
+    for part in path:
+        if model is None:
+            return None
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        candidates = [field.annotation] if field else []
+        model = None
+        while candidates:
+            t = candidates.pop()
+            if isinstance(t, type) and hasattr(t, "model_fields"):
+                model = t
+                break
+            candidates.extend(typing.get_args(t))
+    return model
 
 
 def _set_schedule_length(ds: dict[str, Any], total_steps: int) -> None:
@@ -369,13 +403,13 @@ def plan_run(args: TrainArgs) -> Plan:
     ep_size = args.ep_size if args.ep_size is not None else int(ours.get("ep_size", 1))
     if not cfg.is_moe and args.ep_size is None:
         ep_size = 1  # a config's ep_size means nothing for the dense baseline
+    tbs, micro, accum = _check_batch(ds, args.ds_config, world)
+    _check_with_deepspeed(ds, args.ds_config, micro, accum)  # section types too, before reading any of them
     zero = int(ds.get("zero_optimization", {}).get("stage", 0))
     validate_parallelism(cfg, world_size=world, ep_size=ep_size, zero_stage=zero)
     if zero not in (1, 2):
         raise TrainError(f"{args.ds_config}: zero_optimization.stage={zero}: use stage 1 or 2 (the ZeRO "
                          "optimizer skips steps with non-finite gradients; stage 1 costs nothing on one GPU)")
-    tbs, micro, accum = _check_batch(ds, args.ds_config, world)
-    _check_with_deepspeed(ds, args.ds_config, micro, accum)
     if args.seq_len > cfg.max_position_embeddings:
         raise TrainError(f"--seq_len={args.seq_len} exceeds the model's context "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
@@ -841,10 +875,12 @@ def main(args: TrainArgs) -> int:
               f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
         # Exit now: tearing down a process group whose peer is gone can abort in C++ destructors (SIGABRT,
         # "terminate called without an active exception"), which would hide this exit status from Slurm.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_LOST_RANK)
+        try:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:  # a dead launcher can make the flush raise (broken pipe): exit 4 regardless
+            os._exit(EXIT_LOST_RANK)
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -934,8 +970,8 @@ def train(plan: Plan) -> int:
                 last_saved = prog.step
         if last_saved != prog.step:
             save_checkpoint(engine, plan, sampler, prog, reason)
-    except BaseException:
-        exit_code = 1
+    except BaseException as e:
+        exit_code = EXIT_USER_ERROR if isinstance(e, UserError) else 1
         raise
     finally:
         bar.close()

@@ -14,9 +14,10 @@ want_slurm=0
 [[ "${1:-}" == "--slurm" ]] && want_slurm=1
 
 log() { printf '[setup] %s\n' "$*"; }
-has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
-reachable() { "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" \
-  >/dev/null 2>&1; }
+has_gpu() { { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; } || [[ -e /dev/nvidia0 ]]; }
+# `timeout` bounds DNS too (urlopen's timeout does not cover a dead resolver).
+reachable() { timeout 10 "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+  "$1" >/dev/null 2>&1; }
 CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 pipq() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
@@ -32,11 +33,18 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     # Without a GPU take the CPU wheels (PyPI's default torch carries multi-GB CUDA libraries) from PyTorch's
     # CPU index when it answers; offline machines fall back to the configured index/find-links.
     # TORCH_INDEX_URL overrides the choice.
+    chosen_cpu_index=0
     if [[ -z "${TORCH_INDEX_URL:-}" ]] && ! has_gpu && reachable "$CPU_TORCH_INDEX"; then
       TORCH_INDEX_URL=$CPU_TORCH_INDEX
+      chosen_cpu_index=1
+      log "no GPU found: taking CPU-only torch wheels"
     fi
     log "installing $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
     pipq "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    if [[ $chosen_cpu_index == 1 ]] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+      log "$CPU_TORCH_INDEX has no $TORCH_SPEC for this Python; trying the configured index"
+      pipq "$TORCH_SPEC"
+    fi
   fi
   if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
     log "installing deepspeed (no build isolation)"
@@ -58,4 +66,4 @@ if [[ $want_slurm == 1 ]] && ! command -v slurmctld >/dev/null 2>&1; then
     log "Slurm not installed and not root: the Slurm test will be skipped"
   fi
 fi
-log "ready: $("$VENV/bin/python" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")' 2>/dev/null)"
+log "ready: $("$VENV/bin/python" -c 'from importlib.metadata import version as v; print("torch %s, deepspeed %s" % (v("torch"), v("deepspeed")))' 2>/dev/null)"

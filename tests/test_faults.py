@@ -101,6 +101,15 @@ def test_nested_deepspeed_config_errors_are_one_line_before_any_process_group(ca
     assert line.endswith("unknown DeepSpeed key 'zero_optimization.overlap_com' (did you mean 'overlap_comm'?)")
     line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"bf16": {"enable": True}})
     assert line.endswith("unknown DeepSpeed key 'bf16.enable' (did you mean 'enabled'?)")
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out",
+                     {"zero_optimization": {**zero, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}})
+    assert line.endswith("'zero_optimization.offload_optimizer.pin_memroy' (did you mean 'pin_memory'?)")
+    # a bad value is named by its own section, even where another section has the same key
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"bf16": {"enabled": "maybe"},
+                                                                         "fp16": {"enabled": False}})
+    assert "bf16.enabled: Input should be a valid boolean" in line and "(got 'maybe')" in line
+    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"zero_optimization": {"stage": "two"}})
+    assert "zero_optimization.stage: Input should be 0, 1, 2, 3" in line
     line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"bf16": {"enabled": True},
                                                                          "fp16": {"enabled": True}})
     assert "DeepSpeed rejects it: bfloat16 and fp16 modes cannot be simultaneously enabled" in line

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gptoss.analysis.units import BYTES, COUNT, FLOPS, scaled
+
 if TYPE_CHECKING:
     from gptoss.analysis.attention import AttentionMap
     from gptoss.analysis.runs import Run
@@ -178,13 +180,13 @@ def plot_report(numbers: dict[str, dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2.4 * len(names) + 2), 11))
     ctx = numbers[names[0]]["context"]
     panels = [
-        ("parameters", _count_label,
+        ("parameters", lambda v: scaled(v, COUNT, ".3g"),
          [("total", lambda n: n["params"]["total"]), ("active per token", lambda n: n["params"]["active"])]),
         (f"KV cache per token of context (context {ctx:,}, {numbers[names[0]]['bytes_per_elem']} B/elem)",
-         _bytes_label,
+         lambda v: scaled(v, BYTES, ".3g"),
          [("MHA", lambda n: n["kv_bytes_per_token"]["mha"]), ("GQA", lambda n: n["kv_bytes_per_token"]["gqa"]),
           ("GQA + sliding window", lambda n: n["kv_bytes_per_token"]["gqa_sliding"])]),
-        (f"FLOPs per token (context {ctx:,})", _flops_label,
+        (f"FLOPs per token (context {ctx:,})", lambda v: scaled(v, FLOPS, ".3g"),
          [("training (fwd + bwd)", lambda n: n["flops_per_token_train"]),
           ("inference (fwd)", lambda n: n["flops_per_token_infer"])]),
     ]
@@ -209,23 +211,3 @@ def plot_report(numbers: dict[str, dict[str, Any]], path: str | Path) -> Path:
     fig.tight_layout()
     return _save(fig, path)
 
-
-def _count_label(v: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.3g}{unit}"
-    return f"{v:.3g}"
-
-
-def _flops_label(v: float) -> str:
-    for unit, div in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
-        if abs(v) >= div:
-            return f"{v / div:.3g} {unit}"
-    return f"{v:.3g} FLOP"
-
-
-def _bytes_label(v: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(v) >= div:
-            return f"{v / div:.3g} {unit}"
-    return f"{v:.3g} B"

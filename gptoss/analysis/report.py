@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.units import BYTES, COUNT, scaled
 from gptoss.config import (
     PRESETS,
     ConfigError,
@@ -65,17 +66,11 @@ def architecture_numbers(cfg: ModelConfig, context: int, bytes_per_elem: int = 2
 
 
 def _count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:,.3f}{unit}"
-    return f"{n:,.0f}"
+    return scaled(n, COUNT, ",.3f", ",.0f")
 
 
 def _bytes(n: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:,.2f} {unit}"
-    return f"{n:,.0f} B"
+    return scaled(n, BYTES, ",.2f", ",.0f")
 
 
 def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:

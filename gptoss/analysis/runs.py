@@ -12,6 +12,7 @@ covers (tokens - tokens at the previous logged record) / tokens_per_s seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +76,22 @@ class Run:
     records: list[dict[str, Any]]
     config: ModelConfig | None
 
-    @property
+    @functools.cached_property
     def seconds(self) -> list[float]:
         return training_seconds(self.records)
 
+    def curve(self, key: str) -> tuple[list[int], list[float], list[float]]:
+        """(tokens, training seconds, value) at every record that has `key`."""
+        pts = [(r["tokens"], s, r[key]) for r, s in zip(self.records, self.seconds) if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
     def val_curve(self) -> tuple[list[int], list[float], list[float]]:
         """(tokens, training seconds, val loss) at every evaluation."""
-        pts = [(r["tokens"], s, r["val_loss"]) for r, s in zip(self.records, self.seconds)
-               if r.get("val_loss") is not None]
-        return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        return self.curve("val_loss")
 
     def train_curve(self) -> tuple[list[int], list[float], list[float]]:
         """(tokens, training seconds, train loss) at every logged step."""
-        pts = [(r["tokens"], s, r["loss"]) for r, s in zip(self.records, self.seconds)
-               if r.get("loss") is not None]
-        return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        return self.curve("loss")
 
 
 def load_run(path: str | Path) -> Run:

@@ -19,7 +19,7 @@ weights, then one MoE layer at a time) into safetensors shards, so peak memory i
 layer's experts (the --fp32 path holds the whole fp32 model: partitions must be reassembled first).
 
 A GPT-2 baseline whose shape transformers' GPT2LMHeadModel cannot hold (num_attention_heads * head_dim !=
-hidden_size, see `gptoss.hf.gpt2_hf_incompatibility`) is written in our own format instead: the same
+hidden_size, see `gptoss.hf.hf_incompatibility`) is written in our own format instead: the same
 safetensors shards under our state-dict names, gptoss_config.json, and no config.json (so nothing mistakes
 it for a transformers directory); a warning says why. `read_export` and `gptoss.generate.load_model` read
 both formats: a directory without config.json holds our names.
@@ -52,9 +52,9 @@ from gptoss.errors import UserError
 from gptoss.hf import (
     EXPERT_KEY,
     expert_key,
-    gpt2_hf_incompatibility,
     hf_config,
     hf_generation_config,
+    hf_incompatibility,
     to_hf_state_dict,
 )
 from gptoss.hf_tokenizer import tokenizer_files_wanted, write_tokenizer_files
@@ -474,11 +474,6 @@ def save_model(model: torch.nn.Module, out: str | os.PathLike, *, dtype: torch.d
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-
-
-def hf_incompatibility(cfg: ModelConfig) -> str | None:
-    """Why transformers cannot represent `cfg` (the export then uses our own format), or None."""
-    return gpt2_hf_incompatibility(cfg) if cfg.arch == "gpt2" else None
 
 
 def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out: str | os.PathLike, *,

@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from gptoss.config import ModelConfig
+from gptoss.tokenizer import BOS_ID, EOT_ID, RETURN_ID
 
 EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
 EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
-# Ids of o200k_harmony's specials as in the released configs (see gpt-oss-architecture.md).
-BOS_ID, PAD_ID, EOS_ID, EOT_ID = 199998, 199999, 200002, 199999
+# Special ids as in the released configs (see gpt-oss-architecture.md): pad is <|endoftext|>, eos <|return|>.
+PAD_ID, EOS_ID = EOT_ID, RETURN_ID
 
 
 def expert_key(layer: int, expert: int, name: str) -> str:
@@ -77,9 +78,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     if cfg.arch == "gpt2":
         return hf_gpt2_config(cfg, torch_dtype)
     scaling = dict(cfg.rope_scaling, truncate=False) if cfg.rope_scaling else None
-    max_pos = cfg.max_position_embeddings
-    if scaling:
-        max_pos = int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    max_pos = hf_max_position_embeddings(cfg)
     rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
     return special_ids(cfg) | {
         "architectures": ["GptOssForCausalLM"],
@@ -114,6 +113,14 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
         "use_cache": True,
         "torch_dtype": torch_dtype,
     }
+
+
+def hf_max_position_embeddings(cfg: ModelConfig) -> int:
+    """The context config.json states: with YaRN, factor x original (so 4.55's recomputed factor matches)."""
+    scaling = cfg.rope_scaling if cfg.arch == "gpt_oss" else None
+    if scaling:
+        return int(scaling["factor"] * scaling["original_max_position_embeddings"])
+    return cfg.max_position_embeddings
 
 
 def special_ids(cfg: ModelConfig) -> dict[str, int | None]:
@@ -158,22 +165,23 @@ def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
     return out
 
 
-def gpt2_hf_incompatibility(cfg: ModelConfig) -> str | None:
-    """Why transformers' GPT2LMHeadModel cannot hold this GPT-2 baseline config, or None when it can.
+def hf_incompatibility(cfg: ModelConfig) -> str | None:
+    """Why transformers cannot hold this config (then it is exported in our own format), or None.
 
-    GPT2Attention has no head_dim of its own: it uses n_embd // n_head and projects q, k, v and the output
-    at width n_embd, so our head_dim fits only when num_attention_heads * head_dim == hidden_size.
-    Everything else maps: tied or untied embeddings (tie_word_embeddings), n_inner = mlp_ratio * hidden,
-    gelu_new (our tanh GELU), 1/sqrt(head_dim) scaling, layer_norm_epsilon, n_positions, any vocabulary.
+    Every GPT-OSS config maps to GptOss. For the GPT-2 baseline, GPT2Attention has no head_dim of its own:
+    it uses n_embd // n_head and projects q, k, v and the output at width n_embd, so our head_dim fits only
+    when num_attention_heads * head_dim == hidden_size. Everything else maps: tied or untied embeddings
+    (tie_word_embeddings), n_inner = mlp_ratio * hidden, gelu_new (our tanh GELU), 1/sqrt(head_dim)
+    scaling, layer_norm_epsilon, n_positions, any vocabulary.
     """
-    if cfg.q_dim != cfg.hidden_size:
+    if cfg.arch == "gpt2" and cfg.q_dim != cfg.hidden_size:
         return (f"GPT2LMHeadModel needs num_attention_heads * head_dim == hidden_size, but this config has "
                 f"{cfg.num_attention_heads} * {cfg.head_dim} = {cfg.q_dim} != hidden_size {cfg.hidden_size}")
     return None
 
 
 def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    reason = gpt2_hf_incompatibility(cfg)
+    reason = hf_incompatibility(cfg)
     if reason:
         raise ValueError(reason)  # export checks first and writes its own format instead
     return special_ids(cfg) | {

@@ -36,7 +36,7 @@ from typing import Any
 
 from gptoss.config import ModelConfig
 from gptoss.errors import UserError
-from gptoss.hf import special_ids
+from gptoss.hf import hf_max_position_embeddings, special_ids
 from gptoss.tokenizer import VOCAB_SIZE, get_encoding
 
 log = logging.getLogger(__name__)
@@ -180,21 +180,13 @@ def special_token_names(cfg: ModelConfig) -> dict[str, str]:
     return {f"{k}_token": by_id[ids[f"{k}_token_id"]] for k in ("bos", "eos", "pad")}
 
 
-def _context_length(cfg: ModelConfig) -> int:
-    """max_position_embeddings as config.json states it (gptoss.hf.hf_config: factor x original with YaRN)."""
-    scaling = cfg.rope_scaling if cfg.arch == "gpt_oss" else None
-    if scaling:
-        return int(scaling["factor"] * scaling["original_max_position_embeddings"])
-    return cfg.max_position_embeddings
-
-
 def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json: read by transformers 4.x and 5.x alike (`PreTrainedTokenizerFast` is the
     tokenizers-backed class in both); no token_type_ids, which GptOss and GPT-2 generate() do not take."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special_token_names(cfg),
-        "model_max_length": _context_length(cfg),
+        "model_max_length": hf_max_position_embeddings(cfg),
         "model_input_names": ["input_ids", "attention_mask"],
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 ENCODING_NAME = "o200k_harmony"
 VOCAB_SIZE = 201088  # n_vocab of o200k_harmony, reserved specials included = the model's vocab size
 EOT_ID = 199999  # <|endoftext|>, appended after every document
+BOS_ID = 199998  # <|startoftext|>, the released configs' bos_token_id
+RETURN_ID = 200002  # <|return|>, the end of a harmony reply: the released configs' eos_token_id
 
 ASSET_PATH = Path(__file__).parent / "assets" / "o200k_base.tiktoken.gz"
 O200K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"

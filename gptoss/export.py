@@ -51,6 +51,7 @@ from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import UserError
 from gptoss.hf import (
     EXPERT_KEY,
+    EXPERT_PARAMS,
     expert_key,
     hf_config,
     hf_generation_config,
@@ -218,8 +219,6 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
     cfg = ckpt.config
     _check_expert_counts(ckpt)
     dense_shapes, layer_shapes = _split(expected_shapes(cfg))
-    # DeepSpeed keeps experts out of "module" for MoE models; any copy there would carry local ids.
-    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
     layers = sorted(layer_shapes)
     for moe_layer, layer in enumerate(layers):  # all present? (before reading gigabytes)
         for e in range(cfg.num_local_experts):
@@ -230,7 +229,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
                     f"{f}: expert file missing (layer {layer}, expert {e}); found {n} of "
                     f"{len(layers) * cfg.num_local_experts} expert files in {ckpt.tag_dir}. With expert "
                     "parallelism each rank writes its own experts: copy the files of every rank/node")
-    _check(dense, dense_shapes, str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
+    dense = _checked_dense(ckpt, dense_shapes)
     _tick(progress)
     yield dense
     for moe_layer, layer in enumerate(layers):
@@ -238,8 +237,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
         for e in range(cfg.num_local_experts):
             f = _expert_file(ckpt.tag_dir, moe_layer, e)
             part = _load(f)
-            want = {expert_key(layer, e, name) for name in ("gate_up_proj", "gate_up_proj_bias",
-                                                            "down_proj", "down_proj_bias")}
+            want = {expert_key(layer, e, name) for name in EXPERT_PARAMS}
             if not isinstance(part, dict) or set(part) != want:
                 got = sorted(part) if isinstance(part, dict) else type(part).__name__
                 raise ExportError(f"{f}: expected keys {sorted(want)}, found {got}")
@@ -247,6 +245,14 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
             _tick(progress)
         _check(experts, layer_shapes[layer], f"{ckpt.tag_dir} (layer {layer} expert files)", ckpt.config_source)
         yield experts
+
+
+def _checked_dense(ckpt: Checkpoint, dense_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The non-expert weights of "module", checked against the config. DeepSpeed keeps experts out of
+    "module" for MoE models; any copy there would carry local ids."""
+    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
+    _check(dense, dense_shapes, str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
+    return dense
 
 
 def _tick(progress: Any) -> None:
@@ -271,7 +277,8 @@ def _optim_files(tag_dir: Path) -> dict[int, Path]:
     return files
 
 
-def _master_weights(ckpt: Checkpoint, progress: Any = None) -> dict[str, torch.Tensor]:
+def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress: Any = None
+                    ) -> dict[str, torch.Tensor]:
     """The fp32 master weights, reassembled from every rank's flat optimizer partitions.
 
     Each `[bf16_]zero_pp_rank_{r}` file holds, per parameter group, rank r's slice of the group's flat
@@ -315,7 +322,6 @@ def _master_weights(ckpt: Checkpoint, progress: Any = None) -> dict[str, torch.T
                 piece = flat.narrow(0, frag.start, frag.numel).clone()
                 parts.setdefault(name, []).append((order, piece))
         _tick(progress)
-    expected = expected_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     for name, pieces in parts.items():
         if name not in expected:
@@ -340,12 +346,11 @@ def _master_weights(ckpt: Checkpoint, progress: Any = None) -> dict[str, torch.T
 
 def _master_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
     _check_expert_counts(ckpt)
+    expected = expected_shapes(ckpt.config)
     # The module weights are checked too: a config that does not match them must not slip through.
-    dense_shapes, _ = _split(expected_shapes(ckpt.config))
-    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
-    _check(dense, dense_shapes, str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
+    _checked_dense(ckpt, _split(expected)[0])
     _tick(progress)
-    yield _master_weights(ckpt, progress)
+    yield _master_weights(ckpt, expected, progress)
 
 
 def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,

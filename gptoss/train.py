@@ -213,14 +213,20 @@ def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return ds, ours
 
 
+def _closest(key: str, known: set[str] | frozenset[str]) -> str | None:
+    """The known key a typo most likely meant, if any is close enough."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _refuse_unknown(unknown: set[str], known: frozenset[str], what: str, fix: str) -> None:
     """One line naming each unknown key, with the closest known one where there is one."""
     if not unknown:
         return
     named = []
     for key in sorted(unknown):
-        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        named.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        close = _closest(key, known)
+        named.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
     raise TrainError(f"{what}: {', '.join(named)}; {fix}")
 
 
@@ -278,8 +284,8 @@ def _check_with_deepspeed(ds: dict[str, Any], path: str, micro: int, accum: int)
         if err["type"] == "extra_forbidden":
             model = _nested_model(_config_model(DeepSpeedConfigModel, e.title), loc[:-1])
             known = {f.alias or n for n, f in model.model_fields.items()} if model else set()
-            close = difflib.get_close_matches(loc[-1], sorted(known), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"see {e.title} in DeepSpeed's config docs"
+            close = _closest(loc[-1], known)
+            hint = f"did you mean '{close}'?" if close else f"see {e.title} in DeepSpeed's config docs"
             raise TrainError(f"--ds_config {path}: unknown DeepSpeed key '{where}' ({hint})") from None
         raise TrainError(f"--ds_config {path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
     except Exception as e:  # DeepSpeed's asserts, and type errors on a malformed section
@@ -559,7 +565,6 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
     dist.barrier()
     state = {
         "format": CHECKPOINT_FORMAT,
-        "step": prog.step,
         "tokens": prog.step * plan.tokens_per_step,
         "model_config": plan.cfg.to_dict(),
         "world_size": plan.world_size,
@@ -569,9 +574,7 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
         "seq_len": plan.args.seq_len,
         "seed": plan.args.seed,
         "total_steps": plan.total_steps,
-        "bad_in_a_row": prog.bad_in_a_row,
-        "skipped_total": prog.skipped_total,
-        "train_seconds": prog.train_seconds,
+        **dataclasses.asdict(prog),  # step, bad_in_a_row, skipped_total, train_seconds
         "reason": reason,  # "periodic", "final", "signal" or "non-finite"
         "sampler": sampler.state_dict(),
     }
@@ -655,9 +658,8 @@ def load_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler) -> Progress:
     mine = torch.load(rank_file, weights_only=False)  # our own file: python/numpy RNG states are pickles
     sampler.load_state_dict(mine["sampler"])
     set_rng_state(mine["rng"])
-    prog = Progress(step=int(client["step"]), bad_in_a_row=int(client["bad_in_a_row"]),
-                    skipped_total=int(client["skipped_total"]),
-                    train_seconds=float(client.get("train_seconds", 0.0)))
+    # type(default) keeps ints ints; a field added later (train_seconds) starts at its default
+    prog = Progress(**{f.name: type(f.default)(client.get(f.name, f.default)) for f in dataclasses.fields(Progress)})
     if engine.global_steps != prog.step or sampler.step != prog.step:
         raise TrainError(f"--resume: {tag} is inconsistent (engine step {engine.global_steps}, sampler step "
                          f"{sampler.step}, trainer step {prog.step})")
@@ -917,16 +919,14 @@ def train(plan: Plan) -> int:
     stop = StopFlag()
     bar = tqdm(total=plan.total_steps, initial=prog.step, disable=plan.rank != 0, unit="step", dynamic_ncols=True)
     last_saved = prog.step if plan.resume_tag else -1
-    window_time, window_tokens, exit_code, reason = 0.0, 0, 0, "final"
+    window = (prog.step, prog.train_seconds)  # throughput is measured since the last logged record
+    exit_code, reason = 0, "final"
     try:
         while prog.step < plan.total_steps:
             lr = engine.get_lr()[0]
             t0 = time.perf_counter()
             stats = train_step(engine, my_rows(sampler, plan), plan, stop.requested)
-            step_seconds = time.perf_counter() - t0
-            window_time += step_seconds
-            prog.train_seconds += step_seconds
-            window_tokens += plan.tokens_per_step
+            prog.train_seconds += time.perf_counter() - t0
             prog.step += 1
             bar.update(1)
             if stats.applied:
@@ -937,24 +937,23 @@ def train(plan: Plan) -> int:
                 log.warning("step %d skipped: non-finite loss %.4g or grad norm %s (%d in a row)",
                             prog.step, stats.loss, stats.grad_norm, prog.bad_in_a_row)
             last = prog.step == plan.total_steps
+            base = {"step": prog.step, "tokens": prog.step * plan.tokens_per_step, "elapsed_s": prog.train_seconds}
             record = None
             if prog.step % args.log_every == 0 or last or not stats.applied:
-                tps = window_tokens / max(window_time, 1e-9)
-                record = {"step": prog.step, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
-                          "grad_norm": stats.grad_norm, "tokens": prog.step * plan.tokens_per_step,
-                          "tokens_per_s": tps, "elapsed_s": prog.train_seconds,
+                tps = (prog.step - window[0]) * plan.tokens_per_step / max(prog.train_seconds - window[1], 1e-9)
+                record = {**base, "loss": stats.loss, "aux_loss": stats.aux_loss, "lr": lr,
+                          "grad_norm": stats.grad_norm, "tokens_per_s": tps,
                           "mfu": flops * tps / (peak * plan.world_size) if peak else None,
                           "skipped": not stats.applied, "skipped_total": prog.skipped_total}
                 if stats.expert_counts is not None:
                     record["expert_load"] = [[c / max(sum(layer), 1.0) for c in layer]
                                              for layer in stats.expert_counts]
                 record.update(memory_stats())
-                window_time, window_tokens = 0.0, 0
+                window = (prog.step, prog.train_seconds)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{lr:.2e}")
             if plan.val_data is not None and (prog.step % args.eval_every == 0 or last):
                 val = evaluate(engine, plan)
-                record = record or {"step": prog.step, "tokens": prog.step * plan.tokens_per_step,
-                                    "elapsed_s": prog.train_seconds}
+                record = record or base
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                 log.info("step %d: val loss %.4f", prog.step, val)
             if record is not None:

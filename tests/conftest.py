@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """A finished subprocess that exited 0; its output tails otherwise."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def no_partial_dirs(parent: Path) -> bool:
+    """No temporary export dir left behind (exports write `.<name>.partial-*` and rename)."""
+    return not any(".partial-" in p.name for p in parent.iterdir())
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """DeepSpeed on its CPU accelerator; one thread per rank (two cores, and tiny matmuls lose to thread sync)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

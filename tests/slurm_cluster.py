@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conftest import free_port
+
 REQUIRED_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "scancel")
 # Job states after which a job never runs again (without an explicit requeue).
 TERMINAL_STATES = frozenset({
@@ -58,12 +60,6 @@ def missing_requirements() -> str | None:
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd runs jobs as the submitting user)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.5,

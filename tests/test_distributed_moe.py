@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from gptoss.config import ConfigError, get_config
 from gptoss.model import validate_parallelism
 
 WORKER = Path(__file__).parent / "workers" / "moe_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(out: Path, nproc: int, *args: str) -> tuple[list[float], dict[str, torch.Tensor]]:

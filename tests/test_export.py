@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch
+from conftest import REPO, launch, no_partial_dirs
 
 from gptoss.config import get_config
 from gptoss.export import ExportError, export, load_state_dict, read_export, save_model
@@ -101,10 +101,6 @@ def assert_bf16_close(logits: torch.Tensor, ref: torch.Tensor, clear: torch.Tens
     per_position = (logits - ref).abs().amax(-1).flatten()
     assert per_position[clear].max().item() < BF16_OURS_ATOL, per_position.topk(5)
     assert (logits - ref).abs().mean().item() < BF16_MEAN_ATOL
-
-
-def no_partial_dirs(parent: Path) -> bool:
-    return not any(".partial-" in p.name for p in parent.iterdir())
 
 
 @pytest.fixture(scope="module")

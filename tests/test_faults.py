@@ -33,6 +33,7 @@ from conftest import (
     cpu_env,
     free_port,
     launch,
+    ok,
     rank_command,
     read_metrics,
     train_flags,
@@ -48,11 +49,6 @@ def error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, no_partial_dirs
 
 from gptoss import hf_tokenizer
 from gptoss.config import get_config
@@ -73,10 +73,6 @@ def hf_tok(export_dir):
 
 def tokenizer_files(path: Path) -> set[str]:
     return {p.name for p in path.iterdir()} & set(TOKENIZER_FILES)
-
-
-def no_partial_dirs(parent: Path) -> bool:
-    return not any(".partial-" in p.name for p in parent.iterdir())
 
 
 # ---- the full vocabulary: files, encoding, special ids ---------------------------------------------------

@@ -20,14 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRAIN, cpu_env, launch, read_metrics, train_flags
+from conftest import REPO, TRAIN, cpu_env, launch, ok, read_metrics, train_flags
 
 QUICKSTART_STEPS = 20  # the Makefile says 60; 20 already take the loss clearly down
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def quickstart_commands(data: Path, run: Path) -> list[list[str]]:

@@ -24,6 +24,7 @@ from conftest import (
     call_main,
     cpu_env,
     launch,
+    ok,
     read_metrics,
     signal_checkpoint,
     train_flags,
@@ -33,11 +34,6 @@ from conftest import (
 from gptoss.config import get_config
 
 STEPS = 8  # train_flags' default
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,14 @@ class UserError(ValueError):
     """Bad input the user can fix: reported as one line, never a traceback."""
 
 
+class TrainError(UserError):
+    """A user error found before or while training (flags, config, checkpoint); printed as one line."""
+
+
+class ExportError(UserError):
+    """A checkpoint or export that cannot be read as asked; the message names the file or key and what was expected."""
+
+
 def exit_on_user_error(script: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a launch script's main: a UserError prints `script: error: message` and returns 2."""
 

@@ -164,7 +164,7 @@ def test_moe_layer_matches_dense_reference():
     torch.manual_seed(0)
     moe = build_model(get_config("tiny", **TINY)).layers[1].mlp
     x = torch.randn(2, 9, moe.router.in_features)
-    got = moe(x)
+    got = moe(x).hidden
     flat = x.reshape(-1, x.shape[-1])
     _, idx, w = moe.route(flat)
     ref = torch.stack([
@@ -197,15 +197,15 @@ def test_router_statistics_on_a_hand_routed_batch():
     x[:, 0] = torch.tensor([1.0, 1.0, -1.0, 1.0])
     x[:, 1:] = torch.randn(4, x.shape[1] - 1)
     with torch.no_grad():
-        y = layer(x)
-    assert layer.last_counts.tolist() == [3, 1, 3, 1]
+        y, aux_loss, counts = layer(x)
+    assert counts.tolist() == [3, 1, 3, 1]
     # aux = E * sum_e f_e * P_e with f = counts / N and P the mean router softmax over all E experts
     z = math.exp(2) + math.exp(-2) + math.exp(1) + math.exp(-1)
     p_plus = [math.exp(v) / z for v in (2, -2, 1, -1)]
     p_minus = p_plus[1::-1] + p_plus[3:1:-1]  # the same logits negated
     mean_p = [(3 * a + b) / 4 for a, b in zip(p_plus, p_minus)]
     f = [0.75, 0.25, 0.75, 0.25]
-    assert layer.last_aux_loss.item() == pytest.approx(4 * sum(fe * pe for fe, pe in zip(f, mean_p)))
+    assert aux_loss.item() == pytest.approx(4 * sum(fe * pe for fe, pe in zip(f, mean_p)))
     # output: softmax over the two chosen logits (2 and 1) weights the two experts
     w_hi, w_lo = math.exp(2) / (math.exp(2) + math.exp(1)), math.exp(1) / (math.exp(2) + math.exp(1))
     e = layer.local_experts
@@ -222,6 +222,52 @@ def test_expert_counts_reported():
     assert out.expert_counts.shape == (2, 4)
     assert out.expert_counts.sum(1).tolist() == [2 * 20 * 2] * 2  # tokens x top-k per layer
     assert out.aux_loss.item() > 0
+
+
+def test_each_forward_returns_its_own_router_statistics():
+    """Aux loss and counts come back from each call (nothing kept on the module from an earlier one)."""
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", **TINY))
+    moe = model.layers[0].mlp
+    h = moe.router.in_features
+    first = moe(torch.randn(3, h))
+    second = moe(torch.randn(2, 5, h))
+    assert isinstance(first, tuple) and len(first) == 3  # DeepSpeed's (output, l_aux, exp_counts)
+    assert first.counts.sum().item() == 3 * 2 and second.counts.sum().item() == 10 * 2
+    assert second.hidden.shape == (2, 5, h) and second.counts.shape == (4,) and second.aux_loss.shape == ()
+    assert not any(name.startswith("last_") for name in vars(moe))
+
+    per_layer = []
+    hooks = [b.mlp.register_forward_hook(lambda mod, args, out: per_layer.append(out)) for b in model.layers]
+    x1, x2 = torch.randint(0, 512, (2, 20)), torch.randint(0, 512, (1, 7))
+    out1 = model(x1, targets=x1)
+    layers1, per_layer[:] = list(per_layer), []
+    out2 = model(x2)
+    for hook in hooks:
+        hook.remove()
+    for out, layers, tokens in ((out1, layers1, 40), (out2, per_layer, 7)):
+        assert out.expert_counts.dtype == torch.int64 and out.expert_counts.shape == (2, 4)
+        assert out.expert_counts.sum(1).tolist() == [tokens * 2] * 2
+        torch.testing.assert_close(out.expert_counts, torch.stack([o.counts for o in layers]))
+        coef = model.config.router_aux_loss_coef
+        torch.testing.assert_close(out.aux_loss, torch.stack([o.aux_loss for o in layers]).mean() * coef)
+    again = model(x1, targets=x1)
+    assert torch.equal(again.expert_counts, out1.expert_counts) and torch.equal(again.aux_loss, out1.aux_loss)
+
+
+def test_forward_traces_under_torch_compile():
+    """Dynamo traces the forward (graph breaks allowed) and gives the eager loss, aux loss and counts.
+    The `eager` backend keeps this cheap on CPU; inductor would compile for ~40 s."""
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", **TINY))
+    x = torch.randint(0, 512, (2, 20))
+    ref = model(x, targets=x)
+    got = torch.compile(model, fullgraph=False, backend="eager")(x, targets=x)
+    torch.testing.assert_close(got.loss, ref.loss)
+    torch.testing.assert_close(got.aux_loss, ref.aux_loss)
+    assert torch.equal(got.expert_counts, ref.expert_counts)
+    (got.loss + got.aux_loss).backward()
+    assert model.layers[0].mlp.router.weight.grad is not None
 
 
 def test_chunked_cross_entropy_equals_plain():

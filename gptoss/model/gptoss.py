@@ -48,9 +48,11 @@ class Block(nn.Module):
         self.mlp = MoEFeedForward(cfg, ep_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The residual stream after this block, and its MoE's aux loss () and expert counts (E,)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, aux_loss, counts = self.mlp(self.post_attention_layernorm(x))
+        return x + h, aux_loss, counts
 
 
 class GptOss(nn.Module):
@@ -92,11 +94,14 @@ class GptOss(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
+        aux_losses, layer_counts = [], []
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, positions, caches[i] if caches is not None else None)
+            x, aux_loss, counts = block(x, cos, sin, positions, caches[i] if caches is not None else None)
+            aux_losses.append(aux_loss)
+            layer_counts.append(counts)
         x = self.norm(x)
-        aux = torch.stack([b.mlp.last_aux_loss for b in self.layers]).mean() * self.config.router_aux_loss_coef
-        counts = torch.stack([b.mlp.last_counts for b in self.layers])
+        aux = torch.stack(aux_losses).mean() * self.config.router_aux_loss_coef
+        counts = torch.stack(layer_counts)  # (layers, E)
         if targets is None:
             return ModelOutput(logits=self.lm_head(x), aux_loss=aux, expert_counts=counts)
         loss = chunked_cross_entropy(x, self.lm_head.weight, targets)

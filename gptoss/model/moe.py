@@ -14,6 +14,8 @@ global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group l
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE as DeepSpeedMoE
@@ -69,6 +71,17 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
+class MoEOutput(NamedTuple):
+    """What the MoE layer computed, returned (not stored on the module) so each call owns its statistics.
+
+    Same order as DeepSpeed's `MoE.forward`: (output, l_aux, exp_counts).
+    """
+
+    hidden: torch.Tensor  # same shape as the input
+    aux_loss: torch.Tensor  # () fp32 load-balancing loss of this call, before router_aux_loss_coef
+    counts: torch.Tensor  # (E,) int64 token->expert assignments of this call (all E experts, this rank's tokens)
+
+
 class MoEFeedForward(DeepSpeedMoE):
     """GPT-OSS MoE block: router (Linear with bias) -> top-k -> softmax over the k -> experts -> sum."""
 
@@ -90,9 +103,6 @@ class MoEFeedForward(DeepSpeedMoE):
         self.deepspeed_moe = _Container()
         self.deepspeed_moe.experts = _Container()
         self.deepspeed_moe.experts.deepspeed_experts = experts
-        # Filled by forward for logging and the auxiliary loss.
-        self.last_counts: torch.Tensor | None = None
-        self.last_aux_loss: torch.Tensor | None = None
 
     @property
     def local_experts(self) -> nn.ModuleList:
@@ -117,13 +127,12 @@ class MoEFeedForward(DeepSpeedMoE):
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1, sorted=True)
         return logits, top_idx, torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         logits, top_idx, weights = self.route(x)
         counts = torch.bincount(top_idx.flatten(), minlength=self.num_experts)  # (E,)
-        self.last_counts = counts.detach()
-        self.last_aux_loss = load_balancing_loss(logits, counts)
+        aux_loss = load_balancing_loss(logits, counts)
 
         flat_expert = top_idx.flatten()
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
@@ -134,7 +143,7 @@ class MoEFeedForward(DeepSpeedMoE):
             sorted_y = self._exchange_and_run(sorted_x, counts)
         y = torch.empty_like(sorted_y).index_copy_(0, order, sorted_y)  # back to (token, slot) order
         y = (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
-        return y.view(shape)
+        return MoEOutput(y.view(shape), aux_loss, counts.detach())
 
     def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""

@@ -137,7 +137,7 @@ def breakdown_worker(args: argparse.Namespace) -> dict[str, Any]:
         "ours attention, full layer (fused sink_sdpa_attention)": lambda: ours.layers[1].self_attn(x, cos, sin, pos),
         "transformers attention (eager), full layer": lambda: hf.model.layers[1].self_attn(
             x, hf_rope, hf_masks["full_attention"])[0],
-        "ours MoE (per-expert loop)": lambda: ours.layers[0].mlp(x),
+        "ours MoE (per-expert loop)": lambda: ours.layers[0].mlp(x).hidden,
         "transformers MoE (grouped_mm, default)": lambda: hf.model.layers[0].mlp(x)[0],
         "transformers MoE (eager loop)": lambda: hf_eager_experts.model.layers[0].mlp(x)[0],
         "ours final norm + lm_head + chunked CE": lambda: _ours_head_loss(ours, x, targets),

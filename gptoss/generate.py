@@ -76,8 +76,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
                master_weights: bool = False) -> nn.Module:
     """A model ready for `generate`, in eval mode, from an export dir (model.safetensors + gptoss_config.json,
     HF names with config.json or our own names without, see `gptoss.export.read_export`) or a run /
-    checkpoints / tag dir (consolidated in memory by `gptoss.export`, nothing written)."""
-    from gptoss.export import CONFIG_NAME, HF_CONFIG_NAME, load_state_dict, read_export
+    checkpoints / tag dir (consolidated in memory by `gptoss.checkpoint.read`, nothing written)."""
+    from gptoss.checkpoint.read import load_state_dict
+    from gptoss.export import CONFIG_NAME, HF_CONFIG_NAME, read_export
 
     path = Path(path)
     is_export = (path / CONFIG_NAME).is_file() or (path / HF_CONFIG_NAME).is_file()

@@ -19,8 +19,8 @@ import pytest
 import tiktoken
 import torch
 
-from gptoss import data
 from gptoss.data import BatchSampler, DataError, TokenDataset, eval_batches, prepare_dataset
+from gptoss.data import prepare as data_prepare
 from gptoss.tokenizer import seed_tiktoken_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_sample_rerun_is_a_noop_unless_forced(tmp_path: Path, caplog: pytest.Log
 
 def test_interrupted_prepare_leaves_nothing_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, out = write_txt(tmp_path / "s.txt", STORIES), tmp_path / "out"
-    real_write = data._write_split
+    real_write = data_prepare._write_split
 
     def write_then_die(ds, path, split):  # train completes, val dies half-way through writing
         if split == "val":
@@ -158,16 +158,16 @@ def test_interrupted_prepare_leaves_nothing_finished(tmp_path: Path, monkeypatch
             raise RuntimeError("killed")
         return real_write(ds, path, split)
 
-    monkeypatch.setattr(data, "_write_split", write_then_die)
+    monkeypatch.setattr(data_prepare, "_write_split", write_then_die)
     with pytest.raises(RuntimeError, match="killed"):
         prepare_dataset(str(src), out)
     assert list(out.iterdir()) == []  # no .bin, no meta.json, no temp files
 
     # Over finished output, an interrupted --force keeps the old data intact and consistent.
-    monkeypatch.setattr(data, "_write_split", real_write)
+    monkeypatch.setattr(data_prepare, "_write_split", real_write)
     prepare_dataset(str(src), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(data, "_write_split", write_then_die)
+    monkeypatch.setattr(data_prepare, "_write_split", write_then_die)
     with pytest.raises(RuntimeError, match="killed"):
         prepare_dataset(str(src), out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

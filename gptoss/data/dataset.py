@@ -1,0 +1,144 @@
+"""`TokenDataset`: one split of a prepared data dir, memory-mapped, as the training windows read it.
+
+Opening checks the split against meta.json (dtype, vocabulary, file size, largest id) without reading the
+file; every batch is checked for out-of-vocabulary ids in one max; `check_token_range` and `verify_checksum`
+scan the whole file on request (train.py --verify_data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptoss.data.layout import DTYPE, META_NAME, DataError, read_meta
+
+_CHUNK_TOKENS = 1 << 24  # 64 MiB reads when scanning a split
+
+
+class TokenDataset:
+    """One split of a prepared data dir, memory-mapped read-only (never loaded into RAM).
+
+    A window is seq_len + 1 consecutive tokens starting anywhere (documents are not aligned): inputs are
+    the first seq_len, targets the last seq_len.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", *, seq_len: int,
+                 vocab_size: int | None = None) -> None:
+        self.data_dir, self.split, self.seq_len = Path(data_dir), split, int(seq_len)
+        self.meta = read_meta(self.data_dir)
+        if seq_len < 1:
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
+        meta_path = self.data_dir / META_NAME
+        if self.meta.get("dtype") != "uint32":
+            raise DataError(f"{meta_path}: dtype {self.meta.get('dtype')!r}, expected 'uint32'")
+        splits = self.meta.get("splits", {})
+        if split not in splits:
+            raise DataError(f"{meta_path} has no split '{split}'; splits: {list(splits)}")
+        info = self.meta["splits"][split]
+        self.path = self.data_dir / info["file"]
+        self.vocab_size = int(self.meta["vocab_size"])
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise DataError(
+                f"{self.data_dir} was tokenized with vocab_size {self.vocab_size} "
+                f"({self.meta.get('tokenizer')}), but the model's vocab_size is {vocab_size}"
+            )
+        top = info.get("max_token_id")  # absent in data prepared before it was recorded
+        if top is not None and int(top) >= self.vocab_size:
+            raise DataError(
+                f"{meta_path}: split '{split}' holds token ids up to {top} (max_token_id), outside the vocabulary "
+                f"of {self.vocab_size}: tokenized with another tokenizer or corrupted; re-run prepare_data.py --force"
+            )
+        self.num_tokens = int(info["tokens"])
+        expected = self.num_tokens * DTYPE.itemsize
+        if not self.path.is_file():
+            raise DataError(f"{self.path} not found (listed in {META_NAME})")
+        actual = self.path.stat().st_size
+        if actual != expected:
+            partial = ", not a whole number of uint32 tokens" if actual % DTYPE.itemsize else ""
+            raise DataError(
+                f"{self.path} is {actual} bytes{partial}, expected {expected} ({self.num_tokens} uint32 tokens "
+                f"per {META_NAME}): truncated or corrupted, re-run prepare_data.py --force"
+            )
+        if self.num_tokens < self.seq_len + 1:
+            raise DataError(
+                f"{self.path}: split '{split}' has {self.num_tokens} tokens, fewer than one window of seq_len+1 = "
+                f"{self.seq_len + 1}; use a smaller seq_len or more data"
+            )
+        self._open()
+
+    def _open(self) -> None:
+        self.tokens = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.num_tokens,))
+        self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the file instead of copying it
+        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "_offsets")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        """Number of valid window starts."""
+        return self.num_tokens - self.seq_len
+
+    def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [seq_len] each, from one slice of seq_len + 1 tokens."""
+        if not 0 <= start < len(self):
+            raise IndexError(f"window start {start} outside [0, {len(self)}) of split '{self.split}'")
+        chunk = self.tokens[start:start + self.seq_len + 1]
+        self._check_ids(chunk[None], np.array([start]))
+        chunk = torch.from_numpy(chunk.astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), int64 [B, seq_len], gathered in one fancy-indexing read of the memmap."""
+        starts = np.asarray(starts, dtype=np.int64)
+        rows = self.tokens[starts[:, None] + self._offsets]
+        self._check_ids(rows, starts)
+        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+
+    def _check_ids(self, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Refuse windows [len(starts), seq_len + 1] holding an id outside the vocabulary: the embedding lookup
+        would crash (a device-side assert on GPU) or train on garbage. One max per batch costs nothing."""
+        top = int(rows.max()) if rows.size else -1
+        if top >= self.vocab_size:
+            row, col = np.argwhere(rows >= self.vocab_size)[0]
+            raise DataError(
+                f"{self.path}: token id {top} at position {int(starts[row]) + int(col)} is outside the vocabulary "
+                f"of {self.vocab_size}: the file is corrupted (train.py --verify_data scans the whole file); "
+                "re-run prepare_data.py --force"
+            )
+
+    def _chunks(self) -> Iterator[np.ndarray]:
+        for i in range(0, self.num_tokens, _CHUNK_TOKENS):
+            yield self.tokens[i:i + _CHUNK_TOKENS]
+
+    def check_token_range(self, vocab_size: int | None = None) -> int:
+        """Scan the split; returns the largest id, raises if any id is >= vocab_size (default: meta's)."""
+        limit = self.vocab_size if vocab_size is None else vocab_size
+        top = max(int(chunk.max()) for chunk in self._chunks())
+        if top >= limit:
+            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {limit}: tokenized with "
+                            "another tokenizer or corrupted; re-run prepare_data.py --force")
+        return top
+
+    def verify_checksum(self) -> str:
+        """sha256 of the file against meta.json (reads the whole file: optional, not done on open)."""
+        expected = self.meta["splits"][self.split].get("sha256")
+        if not expected:
+            raise DataError(f"{self.data_dir / META_NAME} records no sha256 for split '{self.split}', so "
+                            f"{self.path} cannot be verified; re-run prepare_data.py --force to record it")
+        sha = hashlib.sha256()
+        for chunk in self._chunks():
+            sha.update(memoryview(np.ascontiguousarray(chunk)))
+        digest = sha.hexdigest()
+        if digest != expected:
+            raise DataError(f"{self.path} has sha256 {digest}, {META_NAME} says {expected}: the file changed "
+                            "since it was prepared (corrupted or overwritten); re-run prepare_data.py --force")
+        return digest

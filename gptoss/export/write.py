@@ -1,0 +1,155 @@
+"""Writing an export directory: a training checkpoint (`export`, read by `gptoss.checkpoint.read`) or an
+in-memory model (`save_model`) -> a Hugging Face model directory, on CPU.
+
+`save_export` takes pieces of our state dict and writes them, in HF names, as safetensors shards
+(`shards`), with config.json, generation_config.json and our gptoss_config.json (names in `layout`). The
+output is written to a temporary sibling directory and renamed at the end, so a failed export never leaves
+a half-written model; tensors are streamed, so peak memory is about one shard plus one piece.
+
+A GPT-2 baseline whose shape transformers' GPT2LMHeadModel cannot hold (num_attention_heads * head_dim !=
+hidden_size, see `gptoss.hf.hf_incompatibility`) is written in our own format instead: the same
+safetensors shards under our state-dict names, gptoss_config.json, and no config.json (so nothing mistakes
+it for a transformers directory); a warning says why. `gptoss.export.read.read_export` and
+`gptoss.generate.load_model` read both formats: a directory without config.json holds our names.
+
+A model with o200k_harmony's 201,088 ids also gets Hugging Face tokenizer files (tokenizer.json,
+tokenizer_config.json, special_tokens_map.json; see `gptoss.hf_tokenizer`), so
+`transformers.AutoTokenizer.from_pretrained(out)` and `pipeline("text-generation", model=out)` work and
+encode exactly as tiktoken does. `tokenizer="auto"` (the default) writes them when the `tokenizers` package
+(part of transformers) is installed and says so in one warning when it is not; "yes" makes either missing an
+error; "no" leaves them out. Small (test) vocabularies never get them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from gptoss.checkpoint.read import Checkpoint, iter_state_chunks, n_files_to_read, open_checkpoint
+from gptoss.config import ModelConfig
+from gptoss.errors import ExportError
+from gptoss.export.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, HF_CONFIG_NAME
+from gptoss.export.shards import ShardWriter, parse_size
+from gptoss.hf import hf_config, hf_generation_config, hf_incompatibility, to_hf_state_dict
+from gptoss.hf_tokenizer import tokenizer_files_wanted, write_tokenizer_files
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
+
+log = logging.getLogger("gptoss.export")  # the package's name: the one logger users filter on for its warnings
+
+
+def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+    for t in ckpt.states["module"].values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None = None,
+           config: ModelConfig | str | os.PathLike | None = None, dtype: str | None = None,
+           master_weights: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
+           progress: bool = True, tokenizer: str = "auto") -> Path:
+    """Checkpoint -> `out`: safetensors weights in HF names, config.json, generation_config.json and our
+    gptoss_config.json; with o200k_harmony's vocabulary also the Hugging Face tokenizer files (`tokenizer`:
+    "auto", "yes" or "no", see `save_export`).
+
+    dtype: "bf16" or "fp32"; None keeps the checkpoint's (fp32 with master_weights). The GPT-2 baseline
+    exports to a `GPT2LMHeadModel` directory when its shape allows, otherwise to our own format (see
+    `save_export`).
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    _check_out(Path(out), overwrite)
+    ckpt = open_checkpoint(path, tag, config)
+    target = DTYPES[dtype] if dtype else (torch.float32 if master_weights else _stored_dtype(ckpt))
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_files_to_read(ckpt, master_weights), desc=f"export {ckpt.tag}", unit="file",
+              disable=not progress) as bar:
+        return save_export(iter_state_chunks(ckpt, master_weights, bar), ckpt.config, out, dtype=target,
+                           max_shard_size=max_shard_size, overwrite=overwrite, tokenizer=tokenizer)
+
+
+def save_model(model: torch.nn.Module, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               max_shard_size: int | str = "5GB", overwrite: bool = False, tokenizer: str = "auto") -> Path:
+    """An in-memory model (ep_size 1, so every expert is local under its global id) -> export dir."""
+    return save_export([model.state_dict()], model.config, out, dtype=dtype, max_shard_size=max_shard_size,
+                       overwrite=overwrite, tokenizer=tokenizer)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
+
+def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out: str | os.PathLike, *,
+                dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                overwrite: bool = False, tokenizer: str = "auto") -> Path:
+    """Write pieces of our state dict (global expert ids) as an HF model dir, via a temporary directory
+    renamed into place at the end. dtype None keeps each tensor's own.
+
+    A config transformers cannot represent (`hf_incompatibility`) is written in our own format: the same
+    shards under our state-dict names plus gptoss_config.json, without config.json and
+    generation_config.json; a warning on the `gptoss.export` logger (stderr when logging is not set up)
+    says why. A tied lm_head.weight is stored once, as the embedding, in both formats.
+
+    tokenizer: "auto" adds the Hugging Face tokenizer files (`gptoss.hf_tokenizer.TOKENIZER_FILES`) when
+    cfg has o200k_harmony's vocabulary and the `tokenizers` package is installed (a warning when only the
+    package is missing), "yes" requires both (TokenizerExportError before anything is written), "no" never.
+    They are written inside the temporary directory, so a failed build leaves nothing either."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    writer_bytes = parse_size(max_shard_size)
+    reason = hf_incompatibility(cfg)
+    with_tokenizer = tokenizer_files_wanted(cfg, tokenizer, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writer = ShardWriter(tmp, writer_bytes)
+        stored = None
+        for chunk in chunks:
+            named = to_hf_state_dict(chunk, cfg) if reason is None else dict(chunk)
+            if cfg.arch == "gpt2" and cfg.tie_word_embeddings:
+                named.pop("lm_head.weight", None)  # tied to (transformer.)wte.weight, as save_pretrained does
+            for name, tensor in named.items():
+                tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
+                stored = tensor.dtype if stored is None else stored
+                writer.add(name, tensor)
+        writer.finish()
+        if reason is None:
+            torch_dtype = DTYPE_NAMES.get(dtype or stored or torch.float32, "float32")
+            (tmp / HF_CONFIG_NAME).write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
+            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(hf_generation_config(cfg), indent=2) + "\n")
+        cfg.save(tmp / CONFIG_NAME)
+        if with_tokenizer:
+            write_tokenizer_files(tmp, cfg)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if reason is not None:
+        log.warning("%s: written in gptoss's own format (our weight names + %s, no %s), not as a transformers "
+                    "directory: %s; load it with gptoss.generate.load_model or launch/sample.py",
+                    out, CONFIG_NAME, HF_CONFIG_NAME, reason)
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished export into place; an existing `out` is removed only after that succeeded."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -323,3 +323,39 @@ def test_cli_help_sample_and_bad_source(tmp_path: Path) -> None:
         sys.path.remove(str(REPO / "launch"))
     assert prepare_data.main(["--sample", "--out", str(tmp_path / "sample"), "--num_proc", "1"]) == 0
     assert (tmp_path / "sample/meta.json").is_file()
+
+
+def test_one_epoch_of_windows_covers_every_token_once(prepared: Path) -> None:
+    """"epoch" order: the targets of one epoch's windows, over all ranks, cover tokens 1 .. n*L exactly once
+    (only a tail shorter than one window is left out), and the next epoch is another permutation."""
+    ds = TokenDataset(prepared, "train", seq_len=8)
+    ranks = [BatchSampler(ds, 3, seed=7, rank=r, world_size=2) for r in range(2)]
+    n, L = ranks[0].windows_per_epoch, 8
+    assert n == (ds.num_tokens - 1) // L and ds.num_tokens - 1 - n * L < L
+    steps = -(-n // 6)  # global batch 6 windows; the last step straddles into epoch 2
+    starts = np.concatenate([s.starts(i) for i in range(steps) for s in ranks])
+    first_epoch = starts[:n]
+    covered = np.sort(np.concatenate([np.arange(s + 1, s + L + 1) for s in first_epoch]))
+    assert np.array_equal(covered, np.arange(1, n * L + 1))
+    assert ranks[0].epoch(steps) == pytest.approx(steps * 6 / n)
+    second = np.concatenate([s.starts(i) for i in range(steps, 2 * steps) for s in ranks])
+    second_epoch = np.concatenate([starts[n:], second])[:n]
+    assert sorted(second_epoch) == sorted(first_epoch) and not np.array_equal(second_epoch, first_epoch)
+
+
+def test_sampler_resumes_in_the_order_it_was_saved_in(prepared: Path) -> None:
+    ds = TokenDataset(prepared, "train", seq_len=8)
+    old = BatchSampler(ds, 4, seed=2, order="random")
+    state = {k: v for k, v in old.state_dict().items() if k != "order"}  # saved before "epoch" existed
+    state["step"] = 5
+    resumed = BatchSampler(ds, 4, seed=2)
+    assert resumed.order == "epoch"
+    resumed.load_state_dict(state)
+    assert resumed.order == "random" and np.array_equal(resumed.starts(5), old.starts(5))
+    epoch = BatchSampler(ds, 4, seed=2)
+    epoch.step = 9
+    again = BatchSampler(ds, 4, seed=0, order="random")
+    again.load_state_dict(epoch.state_dict())
+    assert again.order == "epoch" and np.array_equal(again.starts(9), epoch.starts(9))
+    with pytest.raises(DataError, match="sampling order 'shuffled'"):
+        BatchSampler(ds, 4, seed=0, order="shuffled")

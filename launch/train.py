@@ -1,4 +1,4 @@
-"""Train a GPT-OSS (or GPT-2 baseline) model with DeepSpeed; see gptoss/train.py.
+"""Train a GPT-OSS (or GPT-2 baseline) model with DeepSpeed; see gptoss/train/.
 
     deepspeed launch/train.py --ds_config ds_configs/a40.json --model nano --data data/tinystories \\
         --out runs/nano --tokens 500000000                                           # one or more GPUs

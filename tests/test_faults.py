@@ -360,7 +360,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_data, tmp_path):
 
 GRAD_WRAPPER = """
 import os, sys
-import gptoss.train as t
+import gptoss.train.loop as t  # the loop looks build_engine and train_step up in its own module
 # GRAD_FAULTS="3:inf:lm_head.weight,6:nan:gate_up_proj": at step 3 one element of the first matching parameter's
 # gradient becomes inf, in the step's first micro-batch only (the loss stays finite).
 faults = {int(s): (float(v), suffix) for s, v, suffix in (f.split(":") for f in os.environ["GRAD_FAULTS"].split(","))}
@@ -387,7 +387,8 @@ def counted(*args, **kwargs):
     fired[0] = False
     return train_step(*args, **kwargs)
 t.build_engine, t.train_step = hooked, counted
-sys.exit(t.main(t.args_from_namespace(t.arg_parser().parse_args())))
+from gptoss.train import arg_parser, args_from_namespace
+sys.exit(t.main(args_from_namespace(arg_parser().parse_args())))
 """
 
 
@@ -492,7 +493,7 @@ def test_killed_rank_fails_torchrun_and_the_checkpoint_resumes(tiny_data, tmp_pa
 FAULTY_RANK_WRAPPER = """
 import os, signal, sys
 import torch.distributed as dist
-import gptoss.train as t
+import gptoss.train.loop as t  # the loop looks train_step up in its own module
 after, fault = int(os.environ["FAULT_AFTER_STEPS"]), os.environ["FAULT"]
 all_reduce, train_step, steps = dist.all_reduce, t.train_step, [0]
 def counted(*args, **kwargs):
@@ -504,7 +505,8 @@ def faulty(tensor, *args, group=None, **kwargs):  # DeepSpeed's gradient reducti
         os.kill(os.getpid(), signal.SIGKILL if fault == "dies" else signal.SIGSTOP)
     return all_reduce(tensor, *args, group=group, **kwargs)
 t.train_step, dist.all_reduce = counted, faulty
-sys.exit(t.main(t.args_from_namespace(t.arg_parser().parse_args())))
+from gptoss.train import arg_parser, args_from_namespace
+sys.exit(t.main(args_from_namespace(arg_parser().parse_args())))
 """
 
 

@@ -1,0 +1,73 @@
+"""The process group: taking the rank layout from Slurm when `srun` started us, joining (or creating) the group
+with a collective timeout that covers DeepSpeed's own groups too, and telling a lost peer from any other error.
+Everything that knows about launchers and environment variables lives here."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+from gptoss.errors import TrainError
+
+
+def env_int(name: str, default: int | str) -> int:
+    """A launcher's variable (RANK, WORLD_SIZE, LOCAL_RANK) as an int; `default` where none set it."""
+    return int(os.environ.get(name, default))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adopt_slurm_env() -> None:
+    """`srun python launch/train.py` (one task per GPU, no torchrun): take RANK etc. from Slurm's variables.
+
+    MASTER_ADDR/MASTER_PORT still come from the batch script (the first node of the allocation).
+    """
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise TrainError(f"started by srun with {os.environ['SLURM_NTASKS']} tasks but {missing} not set; export "
+                         "them in the batch script (the first node and a free port), or launch with torchrun")
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+
+
+def init_distributed(timeout_min: float) -> None:
+    """Join (or, run as a plain `python` process, create) the process group, with a collective timeout.
+
+    torch.distributed.run and the deepspeed launcher set RANK/WORLD_SIZE/MASTER_*; alone we set a 1-rank
+    group ourselves, since DeepSpeed would otherwise go looking for MPI.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if get_accelerator().device_name() == "cuda":
+        get_accelerator().set_device(env_int("LOCAL_RANK", 0))
+    timeout = timedelta(minutes=timeout_min)
+    # DeepSpeed builds its data/expert-parallel groups with new_group(ranks), which takes torch's 30-minute
+    # default instead of the world group's timeout; ZeRO's gradient reduction and the MoE all-to-all run on
+    # those groups, so without this a hung rank stalls the others for 30 minutes whatever --timeout_min says.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout, verbose=False)
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """A collective or the rendezvous failed: a peer died, hung past the timeout, or the network broke. Gloo
+    reports these as plain RuntimeErrors, so its words are matched too."""
+    import torch.distributed as dist
+
+    if isinstance(e, dist.DistError):
+        return True
+    markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in markers)

@@ -1,0 +1,138 @@
+"""The plan of a run: every check that needs no process group, done on every rank before any exists, so a bad
+flag, config, data dir or checkpoint fails in seconds as one line (exit 2) instead of on every rank after setup.
+`plan_run` resolves the flags, the DeepSpeed config, the model config, the rank layout and the data into one
+`Plan`, and decides whether (and from which tag) the run resumes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gptoss.checkpoint.layout import CHECKPOINTS_DIR, latest_tag, rank_state_file, read_train_state
+from gptoss.config import ModelConfig, get_config
+from gptoss.data import DataError, TokenDataset
+from gptoss.errors import TrainError
+from gptoss.train.args import TrainArgs, check_args
+from gptoss.train.distributed import env_int
+from gptoss.train.ds_config import check_batch, check_with_deepspeed, load_ds_config, set_schedule_length
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """The validated run: resolved DeepSpeed config, model config, layout and data."""
+
+    args: TrainArgs
+    ds_config: dict[str, Any]
+    cfg: ModelConfig
+    rank: int
+    world_size: int
+    ep_size: int
+    micro: int  # train_micro_batch_size_per_gpu
+    accum: int  # gradient accumulation steps, derived: train_batch_size / (micro x world)
+    global_batch: int  # train_batch_size, sequences per optimizer step
+    total_steps: int
+    train_data: TokenDataset
+    val_data: TokenDataset | None
+    resume_tag: str | None  # checkpoint tag to load, when --resume
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.args.seq_len
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / CHECKPOINTS_DIR
+
+
+def _check_resume(plan: Plan) -> None:
+    """--resume only onto a complete checkpoint of the same model and layout; no new run over an old one."""
+    a, ckpt_dir = plan.args, plan.ckpt_dir
+    tag = latest_tag(ckpt_dir)
+    if not a.resume:
+        if tag is not None:
+            raise TrainError(f"{a.out} already holds checkpoints (latest: {tag}); pass --resume to continue "
+                             "that run or choose another --out")
+        return
+    if tag is None:
+        raise TrainError(f"--resume: no checkpoint to resume in {ckpt_dir} (no 'latest' file); "
+                         "drop --resume to start a new run")
+    state = read_train_state(ckpt_dir, tag)
+    mine = rank_state_file(ckpt_dir / tag, plan.rank)
+    if state.get("world_size") == plan.world_size and not mine.is_file():
+        raise TrainError(f"--resume: {mine} not found; {ckpt_dir / tag} is incomplete (copied partially?)")
+    saved_cfg, cfg = state["model_config"], plan.cfg.to_dict()
+    if saved_cfg != cfg:
+        diff = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {cfg.get(k)!r}"
+                         for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k))
+        raise TrainError(f"--resume: checkpoint {tag} was trained with another model config ({diff}); "
+                         f"use the same --model, or a new --out to start over")
+    layout = {"world_size": plan.world_size, "ep_size": plan.ep_size, "train_batch_size": plan.global_batch,
+              "seq_len": a.seq_len}
+    changed = {k: (state[k], v) for k, v in layout.items() if state[k] != v}
+    if changed:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        raise TrainError(f"--resume: checkpoint {tag} was written with another layout ({what}); resume with "
+                         "the same number of ranks, --ep_size, train_batch_size and --seq_len "
+                         "(ZeRO optimizer shards and the data stream depend on them)")
+    plan.resume_tag = tag
+
+
+def plan_run(args: TrainArgs) -> Plan:
+    """Validate flags, configs, data and checkpoint before any process group or engine exists."""
+    from gptoss.model import validate_parallelism
+
+    check_args(args)
+    ds, ours = load_ds_config(args.ds_config)
+    cfg = get_config(args.model)
+    rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+    ep_size = args.ep_size if args.ep_size is not None else int(ours.get("ep_size", 1))
+    if not cfg.is_moe and args.ep_size is None:
+        ep_size = 1  # a config's ep_size means nothing for the dense baseline
+    tbs, micro, accum = check_batch(ds, args.ds_config, world)
+    check_with_deepspeed(ds, args.ds_config, micro, accum)  # section types too, before reading any of them
+    zero = int(ds.get("zero_optimization", {}).get("stage", 0))
+    validate_parallelism(cfg, world_size=world, ep_size=ep_size, zero_stage=zero)
+    if zero not in (1, 2):
+        raise TrainError(f"{args.ds_config}: zero_optimization.stage={zero}: use stage 1 or 2 (the ZeRO "
+                         "optimizer skips steps with non-finite gradients; stage 1 costs nothing on one GPU)")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise TrainError(f"--seq_len={args.seq_len} exceeds the model's context "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    tokens_per_step = tbs * args.seq_len
+    total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / tokens_per_step)
+    set_schedule_length(ds, total)
+    train_data, val_data = open_data(args, cfg)
+    plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None)
+    _check_resume(plan)
+    return plan
+
+
+def open_data(args: TrainArgs, cfg: ModelConfig) -> tuple[TokenDataset, TokenDataset | None]:
+    """Open the splits the run reads; cheap checks always (meta, sizes, vocab, max_token_id), the full sha256
+    and token scan with --verify_data. Every rank checks for itself: a node may see a different copy."""
+    train_data = TokenDataset(args.data, "train", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
+    val_data = None
+    if args.eval_every:
+        try:
+            val_data = TokenDataset(args.data, "val", seq_len=args.seq_len, vocab_size=cfg.vocab_size)
+        except DataError as e:
+            raise DataError(f"{e} (validation is on: --eval_every 0 trains without it)") from e
+    if args.verify_data:
+        for ds in (train_data, val_data):
+            if ds is not None:
+                t0 = time.perf_counter()
+                ds.verify_checksum()
+                ds.check_token_range(cfg.vocab_size)
+                log.info("verified %s: sha256 matches meta.json, ids < %d (%.1fs)", ds.path, cfg.vocab_size,
+                         time.perf_counter() - t0)
+    return train_data, val_data

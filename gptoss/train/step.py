@@ -1,0 +1,102 @@
+"""One optimizer step and one evaluation, each ending in a single all-reduce of its numbers.
+
+Data: one global batch of `train_batch_size` windows per optimizer step, drawn by a `BatchSampler` with
+rank 0 / world 1, so the stream depends only on (seed, step); rank r trains rows
+[r * micro * accum, (r + 1) * micro * accum) of it as `accum` micro-batches (`my_rows`). A run on 1 or 64 ranks
+with the same DeepSpeed config therefore sees the same data and the same LR schedule, and follows the same
+trajectory up to float rounding.
+
+Non-finite steps: DeepSpeed's ZeRO-1/2 optimizer computes the global gradient norm inside `engine.step()`
+and, when it is inf/NaN (fp32 always, bf16 with `check_grad_overflow`, the default), zeroes the gradients
+and skips the update and the LR-schedule step (`engine.was_step_applied()` is False). A non-finite loss
+is backpropagated multiplied by NaN, so its gradients are NaN on purpose and the same skip follows on every
+rank (the norm is global). `train_step` only reports a skipped step; the loop counts them and stops after
+`max_bad_steps` in a row, when the weights still are those of the last good step. ZeRO stage 0 is refused
+(in the plan) because its plain optimizer would apply NaN gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gptoss.data import BatchSampler, eval_batches
+from gptoss.train.plan import Plan
+
+
+def my_rows(sampler: BatchSampler, plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches of the next global batch; advances the sampler by one step."""
+    starts = sampler.starts(sampler.step)  # the whole global batch's window starts
+    sampler.step += 1
+    per_rank = plan.micro * plan.accum
+    mine = starts[plan.rank * per_rank:(plan.rank + 1) * per_rank]
+    return [plan.train_data.batch(mine[i:i + plan.micro]) for i in range(0, per_rank, plan.micro)]
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean cross-entropy over the global batch
+    aux_loss: float
+    applied: bool  # False: DeepSpeed skipped the update (non-finite loss or gradient norm)
+    stop: bool  # a rank received SIGTERM/SIGUSR1
+    grad_norm: float | None
+    expert_counts: list[list[float]] | None  # [layers][experts] assignments in this step, all ranks
+
+
+def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan,
+               stop_requested: bool) -> StepStats:
+    """Forward/backward every micro-batch, one optimizer step, then one all-reduce of the step's stats."""
+    import torch.distributed as dist
+
+    dev = engine.device
+    sums = torch.zeros(4, device=dev)  # loss, aux_loss, non-finite flag, stop flag
+    counts = None
+    nan = torch.tensor(float("nan"), device=dev)
+    for x, y in micro_batches:
+        out = engine(x.to(dev, non_blocking=True), targets=y.to(dev, non_blocking=True))
+        loss = out.loss + out.aux_loss
+        finite = torch.isfinite(loss)
+        # A non-finite loss must not yield finite gradients: scale by NaN so DeepSpeed's overflow check skips.
+        engine.backward(loss * torch.where(finite, 1.0, nan))
+        engine.step()
+        sums[0] += out.loss.detach().float()
+        sums[1] += out.aux_loss.detach().float()
+        sums[2] += (~finite).float()
+        if out.expert_counts is not None:
+            c = out.expert_counts.detach().float()
+            counts = c if counts is None else counts + c
+    sums[:2] /= len(micro_batches)
+    sums[3] = float(stop_requested)
+    packed = sums if counts is None else torch.cat([sums, counts.flatten()])
+    dist.all_reduce(packed)
+    vals = packed.tolist()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    applied = engine.was_step_applied() and vals[2] == 0
+    expert = None
+    if counts is not None:
+        E = counts.shape[1]
+        expert = [vals[4 + i * E: 4 + (i + 1) * E] for i in range(counts.shape[0])]
+    return StepStats(loss=vals[0] / plan.world_size, aux_loss=vals[1] / plan.world_size, applied=applied,
+                     stop=vals[3] > 0, grad_norm=grad_norm, expert_counts=expert)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, plan: Plan) -> float:
+    """Mean cross-entropy over fixed val windows, shared out over the ranks (equal forwards per rank, which
+    expert parallelism needs), summed with one all-reduce."""
+    import torch.distributed as dist
+
+    n = math.ceil(plan.args.eval_batches / plan.world_size) * plan.world_size
+    engine.eval()
+    total = torch.zeros(2, device=engine.device)
+    for x, y in eval_batches(plan.val_data, plan.micro, n, rank=plan.rank, world_size=plan.world_size):
+        out = engine(x.to(engine.device), targets=y.to(engine.device))
+        total[0] += out.loss.float()
+        total[1] += 1
+    engine.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()

@@ -19,11 +19,11 @@ setup-slurm:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Prepare the bundled TinyStories sample, train the tiny preset for a few steps, print a story.
+# Generate synthetic stories (gptoss's own grammar), train the tiny preset for a few steps, print a story.
 quickstart: setup
-	$(PY) launch/prepare_data.py --sample --out data/sample
+	$(PY) launch/prepare_data.py --synthetic 2000 --out data/synthetic
 	rm -rf runs/quickstart
-	$(PY) launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/sample --out runs/quickstart \
+	$(PY) launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/synthetic --out runs/quickstart \
 		--max_steps 60 --seq_len 64 --eval_every 20
 	$(PY) launch/sample.py runs/quickstart --max_new_tokens 60
 

@@ -19,12 +19,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from gptoss.data import SAMPLE_PATH, BatchSampler, TokenDataset, prepare_dataset
+from gptoss.data import BatchSampler, TokenDataset, prepare_dataset
+from gptoss.data.synthetic import generate_corpus
 from gptoss.tokenizer import EOT_ID, get_encoding
 
 
 def make_corpus(path: Path, mb: float) -> list[str]:
-    stories = [s.strip() for s in SAMPLE_PATH.read_text().split("<|endoftext|>") if s.strip()]
+    stories = [s.text for s in generate_corpus(200, seed=0)]
     docs, size, i = [], 0, 0
     while size < mb * 1e6:
         doc = f"Story {i}. {stories[i % len(stories)]}"

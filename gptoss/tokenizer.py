@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from gptoss.errors import UserError
@@ -141,6 +142,26 @@ def encode(text: str) -> list[int]:
 def decode(ids: Iterable[int]) -> str:
     """Ids (specials included) back to text."""
     return get_encoding().decode([int(i) for i in ids])
+
+
+@functools.cache
+def token_byte_lengths() -> np.ndarray:
+    """UTF-8 bytes of every id's text, (VOCAB_SIZE,) int64; special and reserved ids are no text: 0.
+
+    Bits per byte divides a loss in bits by the bytes of the predicted tokens, so that tokenizers (and the
+    <|endoftext|> between stories) compare fairly: the ordinary ids of a text decode to exactly its bytes.
+    """
+    enc = get_encoding()
+    special = set(enc.special_tokens_set)
+    lengths = np.zeros(VOCAB_SIZE, dtype=np.int64)
+    for i in range(VOCAB_SIZE):
+        try:
+            token = enc.decode_single_token_bytes(i)
+        except KeyError:  # a reserved id with no token
+            continue
+        if token.decode("utf-8", errors="replace") not in special:
+            lengths[i] = len(token)
+    return lengths
 
 
 def encode_documents(texts: Sequence[str]) -> list[int]:

@@ -3,7 +3,7 @@
     python launch/analyze.py report --model nano --out out/report               # params, KV cache, FLOPs
     python launch/analyze.py report --model gpt-oss-20b,gpt-oss-120b --context 131072 --out out/report
     python launch/analyze.py expert-usage --run runs/nano --out out/experts     # load over training
-    python launch/analyze.py expert-usage --model exports/nano --out out/experts  # run it on sample stories
+    python launch/analyze.py expert-usage --model exports/nano --out out/experts  # run it on synthetic stories
     python launch/analyze.py attention --model exports/nano --prompt "Once upon a time" --out out/attention
     python launch/analyze.py attention --model runs/tiny --token_ids 1,8,43,218 --out out/attention
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", help="export or run dir: run the model on --text (or --token_ids) and count "
                      "assignments")
     inp = e.add_mutually_exclusive_group()
-    inp.add_argument("--text", default=None, help="text file for --model (default: the shipped TinyStories sample)")
+    inp.add_argument("--text", default=None, help="text file for --model (default: 20 synthetic stories)")
     inp.add_argument("--token_ids", default=None, help="comma-separated token ids for --model instead of text "
                      "(small-vocabulary models); fewer than --seq_len run as one pass")
     e.add_argument("--seq_len", type=int, default=256, help="tokens per forward pass (default: %(default)s)")

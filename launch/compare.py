@@ -1,7 +1,7 @@
 """Train models on the same data, token budget and schedule, then compare their validation loss.
 
-    python launch/prepare_data.py --sample --out data/sample
-    python launch/compare.py --models tiny,gpt2-tiny --data data/sample --out runs/compare-tiny \\
+    python launch/prepare_data.py --synthetic 20000 --out data/synthetic
+    python launch/compare.py --models tiny,gpt2-tiny --data data/synthetic --out runs/compare-tiny \\
         --max_steps 60 --seq_len 64 --eval_every 10                              # CPU scale, ~10 min
     python launch/compare.py --models nano,gpt2-nano --ds_config ds_configs/a40.json \\
         --data data/tinystories --out runs/compare-nano --tokens 500000000      # one GPU

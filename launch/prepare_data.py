@@ -1,6 +1,6 @@
 """Tokenize a text corpus into train.bin / val.bin + meta.json for training (see gptoss.data).
 
-    python launch/prepare_data.py --sample --out data/sample          # the stories shipped with gptoss
+    python launch/prepare_data.py --synthetic 20000 --out data/synthetic   # stories of gptoss's own grammar
     python launch/prepare_data.py --out data/tinystories              # roneneldan/TinyStories from the hub
     python launch/prepare_data.py --source 'stories/*.jsonl' --out data/mine
 """
@@ -18,7 +18,9 @@ from gptoss.errors import exit_on_user_error
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--sample", action="store_true", help="use the few TinyStories shipped with gptoss")
+    src.add_argument("--synthetic", type=int, default=None, metavar="N",
+                     help="generate N stories (and N/10 validation stories) from gptoss's own story grammar, "
+                     "seeded by --seed; meta.json records their exact entropy in bits per byte (the floor)")
     src.add_argument("--source", default=None,
                      help=f"hub dataset name (default {DEFAULT_SOURCE}), a .txt (stories separated by "
                      "<|endoftext|> lines), .jsonl/.json/.parquet file, a directory or a quoted glob")
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val_fraction", type=float, default=0.05,
                    help="documents held out for validation when the source has no validation split "
                    "(default: %(default)s; at least one document)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation holdout (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the validation holdout, or of the --synthetic stories (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="re-prepare even if --out already holds finished data")
     return p.parse_args(argv)
 
@@ -39,11 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     meta = prepare_dataset(
-        args.source, args.out, sample=args.sample, text_column=args.text_column, num_proc=args.num_proc,
+        args.source, args.out, synthetic=args.synthetic, text_column=args.text_column, num_proc=args.num_proc,
         val_fraction=args.val_fraction, seed=args.seed, force=args.force,
     )
+    floors = meta.get("synthetic", {}).get("entropy_bits_per_byte", {})
     for split, info in meta["splits"].items():
-        print(f"{split:>5}: {info['tokens']:>14,} tokens  {info['documents']:>10,} documents  {info['file']}")
+        floor = f"  entropy {floors[split]:.4f} bits/byte" if split in floors else ""
+        print(f"{split:>5}: {info['tokens']:>14,} tokens  {info['documents']:>10,} documents  {info['file']}{floor}")
     print(f"{meta['tokens_per_second']:,.0f} tokens/s  ->  {args.out}")
     return 0
 

@@ -2,7 +2,7 @@
 
     deepspeed launch/train.py --ds_config ds_configs/a40.json --model nano --data data/tinystories \\
         --out runs/nano --tokens 500000000                                           # one or more GPUs
-    python launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/sample \\
+    python launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/synthetic \\
         --out runs/quickstart --max_steps 60 --seq_len 64                            # one process, CPU
     python -m torch.distributed.run --nproc_per_node 2 launch/train.py ...          # torchrun / Slurm
 

@@ -44,10 +44,12 @@ def test_old_checkpoint_resumes_bit_for_bit(old_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got, want = read_metrics(old_run / "run"), expected()
     assert sorted(got) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in ("loss", "aux_loss", "grad_norm", "lr", "expert_load", "tokens", "val_loss"):
-            if key in want[step]:
-                assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+    for step in (3, 4):  # the training trajectory: bit for bit
+        for key in ("loss", "aux_loss", "grad_norm", "lr", "expert_load", "tokens"):
+            assert got[step][key] == want[step][key], (step, key, got[step][key], want[step][key])
+    # The evaluator now sums nats per target in float64 (for bits per byte) where it averaged float32 batch
+    # means: the same windows and weights, so the same value up to float32 rounding.
+    assert got[4]["val_loss"] == pytest.approx(want[4]["val_loss"], rel=1e-6, abs=0)
     assert (old_run / "run" / "checkpoints" / "latest").read_text() == "step00000004"
 
 

@@ -133,19 +133,20 @@ def test_tiny_source_still_gets_a_validation_document(tmp_path: Path) -> None:
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 1
 
 
-def test_sample_rerun_is_a_noop_unless_forced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_synthetic_rerun_is_a_noop_unless_forced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "sample"
-    first = prepare_dataset(None, out, sample=True)
+    first = prepare_dataset(None, out, synthetic=20)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     caplog.set_level(logging.INFO, logger="gptoss.data")
-    assert prepare_dataset(None, out, sample=True) == first
+    assert prepare_dataset(None, out, synthetic=20) == first
     assert "nothing to do" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     with pytest.raises(DataError, match="other settings.*force"):
-        prepare_dataset(None, out, sample=True, seed=7)
-    forced = prepare_dataset(None, out, sample=True, seed=7, force=True)
+        prepare_dataset(None, out, synthetic=20, seed=7)
+    forced = prepare_dataset(None, out, synthetic=20, seed=7, force=True)
     assert forced["settings"]["seed"] == 7 and (out / "meta.json").stat().st_mtime_ns != stamps["meta.json"]
-    assert sum(i["documents"] for i in forced["splits"].values()) == 5  # the shipped sample's stories
+    assert {k: i["documents"] for k, i in forced["splits"].items()} == {"train": 20, "val": 2}
+    assert forced["synthetic"]["stories"] == {"train": 20, "val": 2} and forced["synthetic"]["seed"] == 7
 
 
 def test_interrupted_prepare_leaves_nothing_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,10 +309,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_help_sample_and_bad_source(tmp_path: Path) -> None:
+def test_cli_help_synthetic_and_bad_source(tmp_path: Path) -> None:
     help_ = run_cli("--help")
     assert help_.returncode == 0
-    for flag in ("--sample", "--source", "--out", "--text_column", "--num_proc", "--val_fraction", "--seed", "--force"):
+    for flag in ("--synthetic", "--source", "--out", "--text_column", "--num_proc", "--val_fraction", "--seed", "--force"):
         assert flag in help_.stdout
     bad = run_cli("--source", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -321,7 +322,7 @@ def test_cli_help_sample_and_bad_source(tmp_path: Path) -> None:
         import prepare_data
     finally:
         sys.path.remove(str(REPO / "launch"))
-    assert prepare_data.main(["--sample", "--out", str(tmp_path / "sample"), "--num_proc", "1"]) == 0
+    assert prepare_data.main(["--synthetic", "30", "--out", str(tmp_path / "sample"), "--num_proc", "1"]) == 0
     assert (tmp_path / "sample/meta.json").is_file()
 
 

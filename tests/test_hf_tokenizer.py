@@ -18,6 +18,7 @@ from conftest import REPO, no_partial_dirs
 
 from gptoss import hf_tokenizer
 from gptoss.config import get_config
+from gptoss.data.synthetic import generate_corpus
 from gptoss.errors import UserError
 from gptoss.export import save_model
 from gptoss.generate import generate
@@ -31,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread: see conftest.one_thread
 
 EXPORT = REPO / "launch" / "export.py"
-SAMPLE = (REPO / "gptoss" / "assets" / "tinystories_sample.txt").read_text()
+SAMPLE = "\n<|endoftext|>\n".join(s.text for s in generate_corpus(5, seed=0))  # story text of our own grammar
 HARMONY = ("<|startoftext|><|start|>system<|message|>You are a storyteller.<|end|><|start|>user<|message|>hi"
            "<|end|><|start|>assistant<|channel|>final<|message|>Once upon a time.<|return|><|endoftext|>")
 TEXTS = [

@@ -1,7 +1,7 @@
 """What a new user runs first, for real, on CPU:
 
-    quickstart  the commands of `make quickstart` (read from the Makefile with `make -n`): prepare the bundled
-                TinyStories sample, train the tiny preset (201k vocabulary), sample a story from the run dir;
+    quickstart  the commands of `make quickstart` (read from the Makefile with `make -n`): generate synthetic
+                stories, train the tiny preset (201k vocabulary), sample a story from the run dir;
                 only the data and run dirs are moved into tmp_path, the step count is shortened, every step is
                 logged and the sample's seed is fixed
     wandb       `--wandb` with WANDB_MODE=offline: the run finishes, the offline run files are written into the
@@ -27,10 +27,10 @@ QUICKSTART_STEPS = 20  # the Makefile says 60; 20 already take the loss clearly 
 
 def quickstart_commands(data: Path, run: Path) -> list[list[str]]:
     """The Python commands of `make quickstart`, as make would run them (`make -n` prints them and runs nothing,
-    not even the setup script), with data/sample and runs/quickstart replaced by `data` and `run`."""
+    not even the setup script), with data/synthetic and runs/quickstart replaced by `data` and `run`."""
     printed = subprocess.run(["make", "-n", "--no-print-directory", "quickstart", f"PY={sys.executable}"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
-    moved = {"data/sample": str(data), "runs/quickstart": str(run)}
+    moved = {"data/synthetic": str(data), "runs/quickstart": str(run)}
     commands = []
     for line in printed.replace("\\\n", " ").splitlines():
         argv = shlex.split(line)

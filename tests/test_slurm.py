@@ -40,7 +40,7 @@ slurm = slurm_cluster_fixture(scope="module", cpus=max(2, os.cpu_count() or 1), 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    proc = subprocess.run([sys.executable, "launch/prepare_data.py", "--sample", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "launch/prepare_data.py", "--synthetic", "200", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out

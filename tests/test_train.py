@@ -237,14 +237,16 @@ def test_signal_saves_a_checkpoint_and_exits_zero(tiny_data, tmp_path, signum):
 
 
 def test_real_tokenizer_sample_with_the_tiny_preset(tmp_path):
-    """The quickstart path: the bundled sample (o200k_harmony, 201k vocab) and the tiny preset."""
+    """The quickstart path: synthetic stories (o200k_harmony, 201k vocab) and the tiny preset."""
     from gptoss.data import prepare_dataset
 
-    prepare_dataset(out_dir=tmp_path / "sample", sample=True)
+    prepare_dataset(out_dir=tmp_path / "sample", synthetic=40)
     out = tmp_path / "q"
     ok(launch(TRAIN, "--ds_config", str(CPU_CONFIG), "--model", "tiny", "--data", str(tmp_path / "sample"),
               "--out", str(out), "--max_steps", "2", "--seq_len", "32", "--eval_every", "2", "--eval_batches", "1",
               "--log_every", "1"))
     m = read_metrics(out)
     assert sorted(m) == [1, 2] and "val_loss" in m[2]
+    # bits per byte: the summed loss in bits over the bytes of the same targets (val.bin's ids decode to text)
+    assert m[2]["val_bpb"] > 0 and math.isfinite(m[2]["val_bpb"])
     assert m[1]["loss"] == pytest.approx(math.log(201088), abs=0.5)  # near uniform at init

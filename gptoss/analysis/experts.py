@@ -123,8 +123,8 @@ def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], o
 def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: str | Path | None = None,
                  text: str | Path | None = None, token_ids: list[int] | None = None, seq_len: int = 256,
                  max_batches: int = 8) -> dict[str, Path]:
-    """The `analyze.py expert-usage` command: from a run's metrics, or a model run on text (default: the
-    TinyStories sample shipped with gptoss) or on given token ids (a small-vocabulary model).
+    """The `analyze.py expert-usage` command: from a run's metrics, or a model run on text (default: 20
+    stories of gptoss's own grammar, `gptoss.data.synthetic`) or on given token ids (a small-vocabulary model).
 
     Windows of `seq_len` tokens, at most `max_batches` of them; input shorter than one window runs as one.
     """
@@ -139,15 +139,18 @@ def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: s
     if seq_len < 1 or max_batches < 1:
         raise AnalysisError(f"--seq_len {seq_len} --max_batches {max_batches}: both must be >= 1")
     from gptoss.analysis.loading import check_token_ids, encode, load_model
-    from gptoss.data import SAMPLE_PATH
-
     net = load_model(model)
     if token_ids is not None:
         ids = check_token_ids(token_ids, net.config.vocab_size)
     else:
-        source = Path(text) if text else SAMPLE_PATH
-        if not source.is_file():
-            raise AnalysisError(f"--text {source}: no such file")
-        ids = encode(source.read_text(encoding="utf-8"), net.config.vocab_size)
+        if text is None:  # a few stories of gptoss's own grammar
+            from gptoss.data.synthetic import generate_corpus
+
+            sample = "\n".join(s.text for s in generate_corpus(20, seed=0))
+        elif not Path(text).is_file():
+            raise AnalysisError(f"--text {text}: no such file")
+        else:
+            sample = Path(text).read_text(encoding="utf-8")
+        ids = encode(sample, net.config.vocab_size)
     batches = token_batches(ids, min(seq_len, len(ids)), max_batches)
     return expert_usage_from_model(net, batches, out_dir, name=Path(model).name)

@@ -1,29 +1,30 @@
 """Text → tokens on disk → batches.
 
     sources.py   a hub name or local .txt/.jsonl/.json/.parquet files (a file, a dir, a glob) → `datasets` splits
+    synthetic.py stories of gptoss's own grammar with their exact entropy (tests, quickstart; nothing copied)
     prepare.py   `prepare_dataset`: tokenize in parallel with o200k_harmony, write `train.bin`, `val.bin`
                  (every document followed by <|endoftext|>) and `meta.json`, written last to mark finished output
     layout.py    that on-disk format (uint32 ids, meta.json), shared by the writer and the reader; `DataError`
     dataset.py   `TokenDataset`: one split memory-mapped and checked against its meta
-    sampler.py   `BatchSampler`: random windows as a pure function of (seed, step, rank, world_size), so ranks
-                 see different data and a resumed run continues the identical stream; `eval_batches`
+    sampler.py   `BatchSampler`: windows as a pure function of (order, seed, step, rank, world_size), an epoch
+                 seeing every token once, so a resumed run continues the identical stream; `eval_batches`
 """
 
 from gptoss.data.dataset import TokenDataset
 from gptoss.data.layout import DTYPE, FORMAT_VERSION, META_NAME, DataError
 from gptoss.data.prepare import prepare_dataset
-from gptoss.data.sampler import BatchSampler, eval_batches
-from gptoss.data.sources import DEFAULT_SOURCE, SAMPLE_PATH
+from gptoss.data.sampler import BatchSampler, eval_batches, whole_split_batches
+from gptoss.data.sources import DEFAULT_SOURCE
 
 __all__ = [
     "DEFAULT_SOURCE",
     "DTYPE",
     "FORMAT_VERSION",
     "META_NAME",
-    "SAMPLE_PATH",
     "BatchSampler",
     "DataError",
     "TokenDataset",
     "eval_batches",
     "prepare_dataset",
+    "whole_split_batches",
 ]

@@ -115,6 +115,15 @@ class TokenDataset:
                 "re-run prepare_data.py --force"
             )
 
+    def token_bytes(self) -> np.ndarray | None:
+        """UTF-8 bytes per id (`gptoss.tokenizer.token_byte_lengths`) when the split was tokenized with
+        o200k_harmony, for bits per byte; None for other tokenizers (the tests' synthetic ids have no text)."""
+        from gptoss.tokenizer import ENCODING_NAME, VOCAB_SIZE, token_byte_lengths
+
+        if self.meta.get("tokenizer") != ENCODING_NAME or self.vocab_size != VOCAB_SIZE:
+            return None
+        return token_byte_lengths()
+
     def _chunks(self) -> Iterator[np.ndarray]:
         for i in range(0, self.num_tokens, _CHUNK_TOKENS):
             yield self.tokens[i:i + _CHUNK_TOKENS]

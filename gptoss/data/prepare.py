@@ -34,10 +34,12 @@ def _tokenize_batch(batch: dict[str, list], text_column: str) -> dict[str, list]
     saves (measured 2x slower with 1-2 threads); parallelism comes from `map(num_proc=...)` instead.
     """
     enc = get_encoding()  # looked up here, not captured: datasets hashes the function for its cache key
-    ids = [enc.encode_ordinary(t) for t in batch[text_column] if t and not t.isspace()]
+    texts = [t for t in batch[text_column] if t and not t.isspace()]
+    ids = [enc.encode_ordinary(t) for t in texts]
     for doc in ids:
         doc.append(EOT_ID)
-    return {"ids": ids, "len": [len(doc) for doc in ids]}
+    # UTF-8 bytes per document, for bits per byte (<|endoftext|> is no text: 0 bytes)
+    return {"ids": ids, "len": [len(doc) for doc in ids], "bytes": [len(t.encode("utf-8")) for t in texts]}
 
 
 def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> Any:
@@ -47,7 +49,8 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
         num_proc = min(os.cpu_count() or 1, 16, max(1, ds.num_rows // 20_000))
     num_proc = max(1, min(num_proc, ds.num_rows))
     features = datasets.Features(
-        {"ids": datasets.List(datasets.Value("uint32")), "len": datasets.Value("int64")}
+        {"ids": datasets.List(datasets.Value("uint32")), "len": datasets.Value("int64"),
+         "bytes": datasets.Value("int64")}
     )
     get_encoding()  # load (and seed the cache) once here, so forked workers inherit it
     return ds.map(
@@ -85,11 +88,34 @@ def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int]:
     return written, sha.hexdigest(), top
 
 
+def _utf8_bytes(tokenized: Any) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(tokenized.with_format("arrow")["bytes"]).as_py())
+
+
+def _synthetic_splits(n: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """n training stories and max(1, n // 10) validation stories from gptoss's own grammar (one seeded draw),
+    and what meta.json records of them: the exact entropy of each split, the floor of its bits per byte."""
+    import datasets
+
+    from gptoss.data.synthetic import entropy_bits_per_byte, generate_corpus
+
+    n_val = max(1, n // 10)
+    stories = generate_corpus(n + n_val, seed)
+    parts = {"train": stories[:n], "val": stories[n:]}
+    splits = {k: datasets.Dataset.from_dict({"text": [s.text for s in v]}) for k, v in parts.items()}
+    info = {"generator": "gptoss.data.synthetic", "seed": seed, "stories": {k: len(v) for k, v in parts.items()},
+            "entropy_bits_per_byte": {k: entropy_bits_per_byte(v) for k, v in parts.items()},
+            "bits": {k: sum(s.bits for s in v) for k, v in parts.items()}}
+    return splits, info
+
+
 def prepare_dataset(
     source: str | os.PathLike | None = None,
     out_dir: str | os.PathLike = "data/tinystories",
     *,
-    sample: bool = False,
+    synthetic: int | None = None,
     text_column: str = "text",
     num_proc: int | None = None,
     val_fraction: float = 0.05,
@@ -101,9 +127,12 @@ def prepare_dataset(
     """Tokenize `source` into `out_dir/{train,val}.bin` + `meta.json`; returns the meta.
 
     source: hub name (default roneneldan/TinyStories), a .txt (stories separated by `<|endoftext|>` lines),
-    .jsonl/.json/.parquet file with `text_column`, a directory or a glob of such files. `sample=True` uses
-    the stories shipped with gptoss. The validation split is the source's own (hub: `val_split` or the
-    first of validation/valid/val/dev; files: names containing valid/validation/val/dev) when there is one,
+    .jsonl/.json/.parquet file with `text_column`, a directory or a glob of such files. `synthetic=N`
+    instead writes N stories of gptoss's own grammar (`gptoss.data.synthetic`, seeded by `seed`) plus
+    N // 10 (at least 1) validation stories, and records their exact entropy in meta.json["synthetic"].
+    Each split's meta records its UTF-8 bytes (for bits per byte). The validation split is the source's own
+    (hub: `val_split` or the first of validation/valid/val/dev; files: names containing
+    valid/validation/val/dev) when there is one,
     else a seeded random `val_fraction` of the documents (at least one). Finished output with the same
     settings is left as is unless `force`.
     """
@@ -116,10 +145,15 @@ def prepare_dataset(
         raise DataError(f"seed must be >= 0, got {seed}")
     if num_proc is not None and num_proc < 1:
         raise DataError(f"num_proc must be >= 1, got {num_proc}")
-    if sample and source is not None:
-        raise DataError("pass either a source or sample=True, not both")
+    if synthetic is not None and source is not None:
+        raise DataError("pass either a source or synthetic=N stories, not both")
+    if synthetic is not None and synthetic < 1:
+        raise DataError(f"synthetic must be >= 1 stories, got {synthetic}")
     source = os.fspath(source) if source is not None else None
-    files, description = resolve_source(source, sample)
+    if synthetic is not None:
+        files, description = None, f"gptoss synthetic stories (n={synthetic}, seed={seed})"
+    else:
+        files, description = resolve_source(source)
     settings = {"source": description, "text_column": text_column, "val_fraction": val_fraction,
                 "seed": seed, "train_split": train_split, "val_split": val_split, "tokenizer": ENCODING_NAME}
 
@@ -133,12 +167,18 @@ def prepare_dataset(
         log.info("%s is already prepared (%s); nothing to do (force=True re-prepares)", out, meta["source"])
         return meta
 
-    if files is not None:
+    synthetic_info = None
+    if synthetic is not None:
+        splits, synthetic_info = _synthetic_splits(synthetic, seed)
+        text_column = "text"
+    elif files is not None:
         splits = load_files(files, text_column)
     else:
         splits = load_hub(source or DEFAULT_SOURCE, train_split, val_split)
     check_columns(splits, text_column, description)
-    if "val" in splits:
+    if synthetic_info is not None:
+        val_from = "synthetic stories drawn after the training ones"
+    elif "val" in splits:
         val_from = "source validation split"
     else:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed, description)
@@ -160,7 +200,7 @@ def prepare_dataset(
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
             tokens, digest, top = _write_split(tokenized, tmp_bins[split], split)
             stats[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": tokenized.num_rows,
-                            "sha256": digest, "max_token_id": top}
+                            "bytes": _utf8_bytes(tokenized), "sha256": digest, "max_token_id": top}
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())
         meta = {
@@ -177,6 +217,8 @@ def prepare_dataset(
             "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if synthetic_info is not None:
+            meta["synthetic"] = synthetic_info
         (out / META_NAME).unlink(missing_ok=True)  # from here until the end the dir is "unfinished"
         for split, tmp in tmp_bins.items():
             os.replace(tmp, out / stats[split]["file"])

@@ -125,3 +125,24 @@ def eval_batches(dataset: TokenDataset, batch_size: int, num_batches: int, *, ra
     starts = np.linspace(0, len(dataset) - 1, n).round().astype(np.int64).reshape(num_batches, batch_size)
     for i in range(rank, num_batches, world_size):
         yield dataset.batch(starts[i])
+
+
+def whole_split_batches(dataset: TokenDataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every target of the split once: the non-overlapping windows of the "epoch" order, in file order.
+
+    Every rank yields the same number of batches (expert parallelism needs equal forwards): rows past the
+    last window, and whole batches that only even out the ranks, repeat window 0 with every target set to
+    IGNORE_INDEX, so they count in no loss.
+    """
+    from gptoss.model.loss import IGNORE_INDEX
+
+    n = (dataset.num_tokens - 1) // dataset.seq_len
+    n_batches = -(-n // batch_size)
+    n_batches = -(-n_batches // world_size) * world_size
+    for i in range(rank, n_batches, world_size):
+        windows = np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int64)
+        pad = windows >= n
+        x, y = dataset.batch(np.where(pad, 0, windows) * dataset.seq_len)
+        y[torch.from_numpy(pad)] = IGNORE_INDEX
+        yield x, y

@@ -23,7 +23,6 @@ from gptoss.data.layout import DataError
 log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "roneneldan/TinyStories"
-SAMPLE_PATH = Path(__file__).parent.parent / "assets" / "tinystories_sample.txt"
 DOC_SEPARATOR = "<|endoftext|>"  # the line between stories in TinyStories .txt files
 FORMATS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
@@ -70,10 +69,8 @@ def _resolve_files(source: str) -> list[Path]:
     return [f.resolve() for f in files]
 
 
-def resolve_source(source: str | None, sample: bool) -> tuple[dict[str, list[Path]] | None, str]:
+def resolve_source(source: str | None) -> tuple[dict[str, list[Path]] | None, str]:
     """(files per split, or None for a hub dataset; a description for meta.json and logs). Reads nothing."""
-    if sample:
-        return {"train": [SAMPLE_PATH]}, f"gptoss sample ({SAMPLE_PATH.name})"
     source = source or DEFAULT_SOURCE
     if not _is_local(source):
         return None, f"hub:{source}"

@@ -42,8 +42,8 @@ class TrainArgs:
                         default=False)
     wandb_project: str = _help("W&B project name", default="gptoss")
     eval_every: int = _help("evaluate on the val split every N steps and at the end (0: never)", default=200)
-    eval_batches: int = _help("micro-batches per evaluation (fixed windows; rounded up to a multiple of the "
-                              "world size)", default=20)
+    eval_batches: int | str = _help("micro-batches per evaluation (fixed windows; rounded up to a multiple of "
+                                    "the world size), or 'all': every target of the val split once", default=20)
     save_every: int = _help("checkpoint every N steps (0: only at the end); always saved at the end",
                             default=1000)
     keep_last: int = _help("keep the newest K checkpoints, delete older ones (0: keep all)", default=3)
@@ -63,7 +63,7 @@ def arg_parser(description: str | None = None) -> Any:
     import argparse
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    types = {"int | None": int, "int": int, "float": float, "str": str}
+    types = {"int | None": int, "int": int, "float": float, "str": str, "int | str": _int_or_all}
     for f in dataclasses.fields(TrainArgs):
         help_text = f.metadata["help"]
         if f.type == "bool":
@@ -71,10 +71,22 @@ def arg_parser(description: str | None = None) -> Any:
         else:
             default = "" if f.default is None else " (default: %(default)s)"
             p.add_argument(f"--{f.name}", type=types[f.type], default=f.default, help=help_text + default,
-                           metavar="N" if types[f.type] in (int, float) else f.name.upper())
+                           metavar="N" if types[f.type] in (int, float, _int_or_all) else f.name.upper())
     p.add_argument("--local_rank", type=int, default=None,
                    help="set by the deepspeed launcher; ignored (the LOCAL_RANK environment variable is used)")
     return p
+
+
+def _int_or_all(text: str) -> int | str:
+    """`--eval_batches`: a count, or the word 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
 
 
 def args_from_namespace(ns: Any) -> TrainArgs:
@@ -88,6 +100,10 @@ def check_args(a: TrainArgs) -> None:
     for name, low in (("tokens", 1), ("max_steps", 1), ("seq_len", 1), ("eval_every", 0), ("eval_batches", 1),
                       ("save_every", 0), ("keep_last", 0), ("log_every", 1), ("max_bad_steps", 1), ("seed", 0)):
         v = getattr(a, name)
+        if name == "eval_batches" and isinstance(v, str):
+            if v != "all":
+                raise TrainError(f"--eval_batches={v}: expected a number or 'all'")
+            continue
         if v is not None and v < low:
             raise TrainError(f"--{name}={v}: must be >= {low}")
     if a.timeout_min <= 0:

@@ -162,8 +162,9 @@ def train(plan: Plan) -> int:
             if plan.val_data is not None and (prog.step % args.eval_every == 0 or last):
                 val = evaluate(engine, plan)
                 record = record or base
-                record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-                log.info("step %d: val loss %.4f", prog.step, val)
+                record.update(val_loss=val.loss, val_ppl=math.exp(min(val.loss, 50.0)), val_bpb=val.bpb)
+                log.info("step %d: val loss %.4f%s", prog.step, val.loss,
+                         f", {val.bpb:.4f} bits/byte" if val.bpb is not None else "")
             if record is not None:
                 metrics.write(record)
             if prog.bad_in_a_row >= args.max_bad_steps:

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from gptoss.data import BatchSampler, eval_batches
+from gptoss.data import BatchSampler, eval_batches, whole_split_batches
+from gptoss.model.loss import IGNORE_INDEX
 from gptoss.train.plan import Plan
 
 
@@ -84,19 +85,40 @@ def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor
                      stop=vals[3] > 0, grad_norm=grad_norm, expert_counts=expert)
 
 
+@dataclass
+class EvalStats:
+    loss: float  # mean cross-entropy (nats) per evaluated target
+    bpb: float | None  # bits per UTF-8 byte of those targets (<|endoftext|>: 0 bytes); None without a text tokenizer
+    targets: int
+
+
 @torch.no_grad()
-def evaluate(engine: Any, plan: Plan) -> float:
-    """Mean cross-entropy over fixed val windows, shared out over the ranks (equal forwards per rank, which
-    expert parallelism needs), summed with one all-reduce."""
+def evaluate(engine: Any, plan: Plan, eot_id: int | None = None) -> EvalStats:
+    """Cross-entropy over fixed val windows (`--eval_batches N`) or every target of the split once
+    (`--eval_batches all`), shared out over the ranks (equal forwards per rank, which expert parallelism
+    needs), summed with one all-reduce: nats, targets and their UTF-8 bytes."""
     import torch.distributed as dist
 
-    n = math.ceil(plan.args.eval_batches / plan.world_size) * plan.world_size
+    data, dev = plan.val_data, engine.device
+    if plan.args.eval_batches == "all":
+        batches = whole_split_batches(data, plan.micro, rank=plan.rank, world_size=plan.world_size)
+    else:
+        n = math.ceil(int(plan.args.eval_batches) / plan.world_size) * plan.world_size
+        batches = eval_batches(data, plan.micro, n, rank=plan.rank, world_size=plan.world_size)
+    table = data.token_bytes()
+    byte_table = torch.from_numpy(table).to(dev) if table is not None else None
     engine.eval()
-    total = torch.zeros(2, device=engine.device)
-    for x, y in eval_batches(plan.val_data, plan.micro, n, rank=plan.rank, world_size=plan.world_size):
-        out = engine(x.to(engine.device), targets=y.to(engine.device))
-        total[0] += out.loss.float()
-        total[1] += 1
+    total = torch.zeros(3, dtype=torch.float64, device=dev)  # nats, targets, bytes
+    for x, y in batches:
+        x, y = x.to(dev), y.to(dev)
+        out = engine(x, targets=y, **({"eot_id": eot_id} if eot_id is not None else {}))
+        valid = y != IGNORE_INDEX
+        total[0] += out.loss.double() * valid.sum()
+        total[1] += valid.sum()
+        if byte_table is not None:
+            total[2] += byte_table[y[valid]].sum()
     engine.train()
     dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    nats, targets, n_bytes = total.tolist()
+    bpb = nats / math.log(2) / n_bytes if byte_table is not None and n_bytes > 0 else None
+    return EvalStats(loss=nats / max(targets, 1), bpb=bpb, targets=int(targets))

@@ -61,26 +61,31 @@ def launch(script: str | Path, *args: str, nproc: int = 1, timeout: float = 600,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def write_learnable_data(out: Path, vocab: int, sizes: dict[str, int]) -> None:
+    """A prepared-data dir of uint32 splits drawn from a learnable stream (mostly t -> 5t + 3 mod vocab)."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in sizes.items():
+        tokens = np.empty(n, dtype="<u4")
+        tokens[0] = 1
+        for i in range(1, n):
+            follow = rng.random() < 0.8
+            tokens[i] = (tokens[i - 1] * 5 + 3) % vocab if follow else rng.integers(vocab)
+        tokens.tofile(out / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1,
+                         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "max_token_id": int(tokens.max())}
+    meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": vocab, "eot_id": 0,
+            "dtype": "uint32", "splits": splits}
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared-data dir with a 512-token vocabulary (learnable: mostly t -> 5t + 3 mod V), and
     `model.json`, the tiny preset with that vocabulary. The real 201k vocabulary makes the lm_head
     dominate CPU time; this keeps a training step around 50 ms."""
     out = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", 8192), ("val", 1024)):
-        tokens = np.empty(n, dtype="<u4")
-        tokens[0] = 1
-        for i in range(1, n):
-            follow = rng.random() < 0.8
-            tokens[i] = (tokens[i - 1] * 5 + 3) % TINY_VOCAB if follow else rng.integers(TINY_VOCAB)
-        tokens.tofile(out / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1,
-                         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "max_token_id": int(tokens.max())}
-    meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": TINY_VOCAB, "eot_id": 0,
-            "dtype": "uint32", "splits": splits}
-    (out / "meta.json").write_text(json.dumps(meta))
+    write_learnable_data(out, TINY_VOCAB, {"train": 8192, "val": 1024})
     get_config("tiny", vocab_size=TINY_VOCAB).save(out / "model.json")
     return out
 

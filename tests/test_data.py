@@ -312,7 +312,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_help_synthetic_and_bad_source(tmp_path: Path) -> None:
     help_ = run_cli("--help")
     assert help_.returncode == 0
-    for flag in ("--synthetic", "--source", "--out", "--text_column", "--num_proc", "--val_fraction", "--seed", "--force"):
+    for flag in ("--synthetic", "--source", "--out", "--text_column", "--num_proc", "--val_fraction", "--seed",
+                 "--force"):
         assert flag in help_.stdout
     bad = run_cli("--source", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

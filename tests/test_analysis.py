@@ -72,6 +72,7 @@ def synthetic_records(steps: int = 12, layers: int = 2, experts: int = 4, loss0:
             r["expert_load"] = [[hot] + [(1 - hot) / (experts - 1)] * (experts - 1) for _ in range(layers)]
         if step % 4 == 0:
             r["val_loss"] = loss0 / (1 + 0.08 * step)
+            r["val_bpb"] = r["val_loss"] / 4.0  # as if 4 bytes a token
         records.append(r)
     return records
 
@@ -185,6 +186,10 @@ def test_compare_existing_runs(tmp_path):
     assert rows["tiny"]["tokens_per_s"] == pytest.approx(2000.0)
     assert rows["tiny"]["train_seconds"] == pytest.approx(12 * 512 / 2000.0)
     assert f"{rows['tiny']['final_val_loss']:.4f}" in md and "| gpt2-tiny | gpt2 |" in md
+    assert rows["tiny"]["final_val_bpb"] == pytest.approx(rows["tiny"]["final_val_loss"] / 4.0)
+    assert rows["tiny"]["best_val_bpb"] == pytest.approx(min(r["val_bpb"] for r in load_run(a).records
+                                                             if "val_bpb" in r))
+    assert md_table(md)["tiny"]["final val bpb"] == f"{rows['tiny']['final_val_bpb']:.4f}"
 
 
 def test_compare_needs_validation_loss(tmp_path):

@@ -87,6 +87,7 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         tokens, seconds, val = run.val_curve()
+        bpb = run.bpb_curve()[2]
         last = run.records[-1]
         total_s = run.seconds[-1]
         p = param_counts(run.config) if run.config is not None else None
@@ -97,6 +98,8 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "tokens": last.get("tokens"),
             "final_val_loss": val[-1] if val else None,
             "best_val_loss": min(val) if val else None,
+            "final_val_bpb": bpb[-1] if bpb else None,
+            "best_val_bpb": min(bpb) if bpb else None,
             "final_train_loss": next((r["loss"] for r in reversed(run.records) if r.get("loss") is not None), None),
             "train_seconds": total_s,
             "tokens_per_s": last.get("tokens", 0) / total_s if total_s else None,
@@ -114,16 +117,18 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     def millions(v: Any) -> str:
         return "n/a" if v is None else f"{v / 1e6:.2f}M"
 
-    head = ("| run | arch | steps | tokens | final val loss | best val loss | final train loss | training s | "
-            "tokens/s | params total | params active | active non-embedding |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| run | arch | steps | tokens | final val loss | best val loss | final val bpb | best val bpb | "
+            "final train loss | training s | tokens/s | params total | params active | active non-embedding |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "\n".join(
         f"| {r['run']} | {r['arch']} | {num(r['steps'], ',')} | {num(r['tokens'], ',')} | "
-        f"{num(r['final_val_loss'], '.4f')} | {num(r['best_val_loss'], '.4f')} | {num(r['final_train_loss'], '.4f')} | "
+        f"{num(r['final_val_loss'], '.4f')} | {num(r['best_val_loss'], '.4f')} | {num(r['final_val_bpb'], '.4f')} | "
+        f"{num(r['best_val_bpb'], '.4f')} | {num(r['final_train_loss'], '.4f')} | "
         f"{num(r['train_seconds'], ',.1f')} | {num(r['tokens_per_s'], ',.0f')} | {millions(r['params_total'])} | "
         f"{millions(r['params_active'])} | {millions(r['params_active_non_embedding'])} |" for r in rows)
     return head + body + ("\n\ntraining s: time in training steps as the trainer logs it (elapsed_s; evaluation and "
-                          "checkpointing excluded); tokens/s = tokens / training s.")
+                          "checkpointing excluded); tokens/s = tokens / training s; bpb: validation bits per "
+                          "UTF-8 byte (n/a for data without a text tokenizer).")
 
 
 def compare(out_dir: str | Path, *, models: Sequence[str] | None = None, runs: Sequence[str | Path] | None = None,

@@ -39,22 +39,33 @@ def _save(fig: Any, path: str | Path) -> Path:
 # ---- comparison --------------------------------------------------------------------------------------
 
 def plot_loss_curves(runs: list[Run], path: str | Path, title: str | None = None) -> Path:
-    """Two panels: loss against tokens seen and against training seconds; validation loss as markers and
-    solid lines, training loss as faint lines behind it (validation points are few in short runs)."""
+    """Loss against tokens seen and against training seconds; validation loss as markers and solid lines,
+    training loss as faint lines behind it (validation points are few in short runs). When a run measured
+    validation bits per byte, a second row shows it the same two ways."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    with_bpb = any(run.bpb_curve()[2] for run in runs)
+    fig, grid = plt.subplots(2 if with_bpb else 1, 2, figsize=(12, 8.5 if with_bpb else 4.5), sharey="row",
+                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for run, color in zip(runs, colors * (1 + len(runs) // len(colors))):
         t_tok, t_sec, t_loss = run.train_curve()
         v_tok, v_sec, v_loss = run.val_curve()
-        for ax, tx, vx in ((axes[0], t_tok, v_tok), (axes[1], t_sec, v_sec)):
+        for ax, tx, vx in ((grid[0][0], t_tok, v_tok), (grid[0][1], t_sec, v_sec)):
             if t_loss:
                 ax.plot(tx, t_loss, color=color, alpha=0.25, linewidth=1)
             if v_loss:
                 ax.plot(vx, v_loss, color=color, marker="o", markersize=3, label=f"{run.name} (val)")
-    axes[0].set(xlabel="tokens seen", ylabel="loss (val: markers; train: faint)")
-    axes[1].set(xlabel="training seconds (steps only, eval excluded)")
-    for ax in axes:
+        if with_bpb:
+            b_tok, b_sec, bpb = run.bpb_curve()
+            for ax, bx in ((grid[1][0], b_tok), (grid[1][1], b_sec)):
+                if bpb:
+                    ax.plot(bx, bpb, color=color, marker="o", markersize=3, label=f"{run.name} (val)")
+    grid[0][0].set(xlabel="tokens seen", ylabel="loss (val: markers; train: faint)")
+    grid[0][1].set(xlabel="training seconds (steps only, eval excluded)")
+    if with_bpb:
+        grid[1][0].set(xlabel="tokens seen", ylabel="validation bits per byte")
+        grid[1][1].set(xlabel="training seconds (steps only, eval excluded)")
+    for ax in grid.flat:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "Validation loss: " + " vs ".join(r.name for r in runs))

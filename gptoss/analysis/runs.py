@@ -89,6 +89,10 @@ class Run:
         """(tokens, training seconds, val loss) at every evaluation."""
         return self.curve("val_loss")
 
+    def bpb_curve(self) -> tuple[list[int], list[float], list[float]]:
+        """(tokens, training seconds, val bits per byte) at every evaluation that measured it."""
+        return self.curve("val_bpb")
+
     def train_curve(self) -> tuple[list[int], list[float], list[float]]:
         """(tokens, training seconds, train loss) at every logged step."""
         return self.curve("loss")

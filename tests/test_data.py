@@ -21,6 +21,7 @@ import torch
 
 from gptoss.data import BatchSampler, DataError, TokenDataset, eval_batches, prepare_dataset
 from gptoss.data import prepare as data_prepare
+from gptoss.data.layout import read_token_counts
 from gptoss.tokenizer import seed_tiktoken_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,13 @@ def test_txt_directory_uses_its_validation_file_and_equals_tiktoken(tmp_path: Pa
         info = meta["splits"][split]
         assert info["documents"] == len(stories) and info["tokens"] == len(reference(stories))
         assert info["sha256"] == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+        assert info["bytes"] == sum(len(st.strip().encode("utf-8")) for st in stories)  # as the reader strips
+        ids, counts = read_token_counts(out, split)
+        want_ids, want_counts = np.unique(reference(stories), return_counts=True)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(counts, want_counts)
+        assert info["distinct_ids"] == len(want_ids)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "token_counts.npz", "train.bin", "val.bin"]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -361,3 +368,18 @@ def test_sampler_resumes_in_the_order_it_was_saved_in(prepared: Path) -> None:
     assert again.order == "epoch" and np.array_equal(again.starts(9), epoch.starts(9))
     with pytest.raises(DataError, match="sampling order 'shuffled'"):
         BatchSampler(ds, 4, seed=0, order="shuffled")
+
+
+def test_whole_split_batches_cover_every_target_once_and_even_out_the_ranks(prepared: Path) -> None:
+    from gptoss.data import whole_split_batches
+    from gptoss.model.loss import IGNORE_INDEX
+
+    ds = TokenDataset(prepared, "val", seq_len=8)
+    ids = np.fromfile(prepared / "val.bin", dtype=np.uint32).astype(np.int64)
+    n = (ds.num_tokens - 1) // 8
+    per_rank = [list(whole_split_batches(ds, 3, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) >= -(-n // 3) / 2  # equal forwards on every rank
+    targets = torch.cat([y.flatten() for batches in per_rank for _, y in batches])
+    kept = targets[targets != IGNORE_INDEX]
+    assert len(kept) == n * 8  # every target of the non-overlapping windows, once; padding counts in no loss
+    assert sorted(kept.tolist()) == sorted(ids[1:n * 8 + 1].tolist())

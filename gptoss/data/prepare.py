@@ -20,7 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from gptoss.data.layout import DTYPE, FORMAT_VERSION, META_NAME, DataError, is_finished, read_meta
+from gptoss.data.layout import (
+    DTYPE,
+    FORMAT_VERSION,
+    META_NAME,
+    TOKEN_COUNTS_NAME,
+    DataError,
+    is_finished,
+    read_meta,
+    write_token_counts,
+)
 from gptoss.data.sources import DEFAULT_SOURCE, check_columns, holdout, load_files, load_hub, resolve_source
 from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_encoding
 
@@ -64,17 +73,19 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
     )
 
 
-def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int]:
-    """Stream the tokenized split into `path`; returns (tokens, sha256, largest id), all found while writing.
+def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int, np.ndarray]:
+    """Stream the tokenized split into `path`; returns (tokens, sha256, largest id, count per id), all found
+    while writing.
 
     The largest id goes into meta.json so that training can refuse ids outside the model's vocabulary
-    without reading the file.
+    without reading the file; the counts (token_counts.npz) tell which ids the split uses.
     """
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
     total = pc.sum(ds.with_format("arrow")["len"]).as_py()
     sha, written, top = hashlib.sha256(), 0, -1
+    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
     with open(path, "wb") as f, tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
         for table in ds.with_format("arrow").iter(batch_size=10_000):
             arr = np.ascontiguousarray(pc.list_flatten(table["ids"]).to_numpy(), dtype=DTYPE)
@@ -82,10 +93,11 @@ def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int]:
             sha.update(memoryview(arr))
             written += arr.size
             top = max(top, int(arr.max())) if arr.size else top
+            counts += np.bincount(arr, minlength=VOCAB_SIZE)[:VOCAB_SIZE]
             bar.update(arr.size)
     if written != total:
         raise DataError(f"wrote {written} tokens to {path}, expected {total}")
-    return written, sha.hexdigest(), top
+    return written, sha.hexdigest(), top, counts
 
 
 def _utf8_bytes(tokenized: Any) -> int:
@@ -186,11 +198,14 @@ def prepare_dataset(
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.bin.*.tmp"), *out.glob(f"{META_NAME}.*.tmp")]:  # left by a killed run
+    stale_names = ("*.bin.*.tmp", f"{META_NAME}.*.tmp", f"{TOKEN_COUNTS_NAME}.*.tmp")
+    for stale in [p for pattern in stale_names for p in out.glob(pattern)]:  # left by a killed run
         stale.unlink()
     tmp_bins: dict[str, Path] = {}
     meta_tmp = out / f"{META_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+    counts_tmp = out / f"{TOKEN_COUNTS_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     stats: dict[str, dict[str, Any]] = {}
+    id_counts: dict[str, np.ndarray] = {}
     try:
         # Old finished output stays intact until every new split is fully on disk under a temp name.
         for split, ds in splits.items():
@@ -198,9 +213,11 @@ def prepare_dataset(
             if tokenized.num_rows == 0:
                 raise DataError(f"{description}: split '{split}' has no non-empty documents")
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
-            tokens, digest, top = _write_split(tokenized, tmp_bins[split], split)
+            tokens, digest, top, id_counts[split] = _write_split(tokenized, tmp_bins[split], split)
             stats[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": tokenized.num_rows,
-                            "bytes": _utf8_bytes(tokenized), "sha256": digest, "max_token_id": top}
+                            "bytes": _utf8_bytes(tokenized), "sha256": digest, "max_token_id": top,
+                            "distinct_ids": int(np.count_nonzero(id_counts[split]))}
+        write_token_counts(counts_tmp, id_counts)
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())
         meta = {
@@ -212,6 +229,7 @@ def prepare_dataset(
             "source": description,
             "val_from": val_from,
             "splits": stats,
+            "token_counts": TOKEN_COUNTS_NAME,
             "settings": settings,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
@@ -222,10 +240,11 @@ def prepare_dataset(
         (out / META_NAME).unlink(missing_ok=True)  # from here until the end the dir is "unfinished"
         for split, tmp in tmp_bins.items():
             os.replace(tmp, out / stats[split]["file"])
+        os.replace(counts_tmp, out / TOKEN_COUNTS_NAME)
         meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(meta_tmp, out / META_NAME)
     finally:
-        for tmp in [*tmp_bins.values(), meta_tmp]:
+        for tmp in [*tmp_bins.values(), meta_tmp, counts_tmp]:
             tmp.unlink(missing_ok=True)
     log.info(
         "prepared %s in %.1fs (%.0f tokens/s): %s", out, seconds, meta["tokens_per_second"],

@@ -8,7 +8,9 @@ The result loads with transformers.GptOssForCausalLM.from_pretrained (GPT2LMHead
 a GPT-2 shape it cannot hold, heads x head_dim != hidden, is written in gptoss's own format with a notice)
 and with launch/sample.py. With o200k_harmony's vocabulary it also carries Hugging Face tokenizer files
 (--tokenizer), so transformers.AutoTokenizer and pipeline("text-generation") load it too.
-Exit status 2 on an unusable checkpoint or flag (one line on stderr).
+The checkpoint is checked against its manifest first (file sizes; every crc32 with --verify_checkpoint).
+Exit status 2 on an unusable or damaged checkpoint or flag (one line on stderr; a damaged one names the file
+and the newest older tag that verifies).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write Hugging Face tokenizer files (tokenizer.json ...) for AutoTokenizer / pipeline: "
                    "auto = when the model has o200k_harmony's vocabulary and transformers' tokenizers package "
                    "is installed; yes = require both; no = never (default: %(default)s)")
+    p.add_argument("--verify_checkpoint", action="store_true",
+                   help="read every checkpoint file and compare its crc32 with the manifest before exporting "
+                   "(file sizes are always checked)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = export(args.path, args.out, tag=args.tag, config=args.config, dtype=args.dtype,
                  master_weights=args.fp32, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                 progress=not args.quiet, tokenizer=args.tokenizer)
+                 progress=not args.quiet, tokenizer=args.tokenizer,
+                 verify_checkpoint=args.verify_checkpoint)
     print(f"exported -> {out}")
     return 0
 

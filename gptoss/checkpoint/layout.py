@@ -1,5 +1,6 @@
 """The names of a checkpoint on disk, in one place for the writer, the resumer and the offline reader.
 
+    <run>/train.lock                    the run lock: one training process writes a run dir (see `lock`)
     <run>/checkpoints/
         latest                          the tag of the newest complete checkpoint (written last, atomically)
         step00000100/                   one tag per save, `step{N:08d}`:
@@ -7,7 +8,9 @@
             layer_{M}_expert_{E}_mp_rank_00_model_states.pt   DeepSpeed: MoE layer M, GLOBAL expert id E
             [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt DeepSpeed: rank r's ZeRO-1/2 optimizer partition
             rank{r}_state.pt                                  ours, per rank: RNG states, sampler, step
-            train_state.json                                  ours, rank 0, written last: marks the tag complete
+            train_state.json                                  ours, rank 0, written last: marks the tag complete;
+                                                              its "manifest" lists every other file of the tag
+                                                              with size, crc32 and writer rank (see `manifest`)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ TRAIN_STATE = "train_state.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 EXPERT_FILE_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
 def tag_for_step(step: int) -> str:
@@ -39,6 +43,13 @@ def tag_step(name: str) -> int | None:
 
 def expert_file(tag_dir: Path, moe_layer: int, expert: int) -> Path:
     return tag_dir / f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+def missing_expert_message(path: Path, layer: int, expert: int, found: int, total: int) -> str:
+    """One missing expert file, for the reader and the manifest check alike."""
+    return (f"{path}: expert file missing (layer {layer}, expert {expert}); found {found} of {total} expert files "
+            f"in {path.parent}. With expert parallelism each rank writes its own experts: copy the files of every "
+            "rank/node")
 
 
 def rank_state_file(tag_dir: Path, rank: int) -> Path:
@@ -57,8 +68,13 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag
 
 
-def read_train_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+def train_state_file(ckpt_dir: Path, tag: str) -> Path:
+    """A tag's train_state.json, which must exist: only a complete save writes it."""
     path = ckpt_dir / tag / TRAIN_STATE
     if not path.is_file():
         raise TrainError(f"--resume: {path} not found; {ckpt_dir / tag} is not a complete gptoss checkpoint")
-    return json.loads(path.read_text())
+    return path
+
+
+def read_train_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    return json.loads(train_state_file(ckpt_dir, tag).read_text())

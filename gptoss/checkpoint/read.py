@@ -10,13 +10,16 @@ DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours. On
                                                         written by whichever expert-parallel rank owns E
     [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  rank r's flat fp32 master partitions (ZeRO-1/2)
 
-By default the module weights are read (bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32
-master weights from the optimizer partitions instead (see `_master_weights`), for every expert-parallel size.
-A missing `latest`/tag/expert file, or weights whose keys or shapes differ from the model config, raise
-`ExportError` naming the file, the key, and expected vs found (files are checked for presence before any
-weight is read, shapes as each piece is read). The module weights come in pieces (non-expert weights, then
-one MoE layer at a time), so a consumer that streams them holds about one layer's experts at once; the
-master-weight path holds the whole fp32 model, since partitions must be reassembled first.
+Before anything is loaded the tag is checked against the manifest in its train_state.json (`manifest`): file
+sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged tag raises `ExportError` naming
+the file, expected and found, and the newest older tag that verifies. By default the module weights are read
+(bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32 master weights from the optimizer
+partitions instead (see `_master_weights`), for every expert-parallel size. A missing `latest`/tag/expert
+file, or weights whose keys or shapes differ from the model config, raise `ExportError` naming the file, the
+key, and expected vs found (files are checked for presence before any weight is read, shapes as each piece is
+read). The module weights come in pieces (non-expert weights, then one MoE layer at a time), so a consumer
+that streams them holds about one layer's experts at once; the master-weight path holds the whole fp32 model,
+since partitions must be reassembled first.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from gptoss.checkpoint.layout import (
     MODEL_STATES,
     OPTIM_FILE,
     expert_file,
+    missing_expert_message,
 )
+from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import ExportError
 from gptoss.hf import EXPERT_KEY, EXPERT_PARAMS, expert_key
@@ -79,8 +84,6 @@ def locate_tag_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         raise ExportError(f"checkpoint tag {tag!r}: directory {tag_dir} not found")
-    if not _is_tag_dir(tag_dir):
-        raise ExportError(f"{tag_dir / MODEL_STATES}: not found (not a complete DeepSpeed checkpoint tag)")
     return tag_dir
 
 
@@ -116,8 +119,13 @@ def _resolve_config(tag_dir: Path, states: dict[str, Any],
 
 
 def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
-                    config: ModelConfig | str | os.PathLike | None = None) -> Checkpoint:
+                    config: ModelConfig | str | os.PathLike | None = None,
+                    verify_checkpoint: bool = False) -> Checkpoint:
+    """Locate the tag, check it against its manifest (sizes; crc32 too with verify_checkpoint), open it."""
     tag_dir = locate_tag_dir(path, tag)
+    check_checkpoint(tag_dir, verify_checkpoint, ExportError, "export it with --tag")
+    if not _is_tag_dir(tag_dir):
+        raise ExportError(f"{tag_dir / MODEL_STATES}: not found (not a complete DeepSpeed checkpoint tag)")
     if any(tag_dir.glob("*mp_rank_01_*")):
         raise ExportError(f"{tag_dir}: tensor/model-parallel checkpoints (mp_rank_01 files) are not supported")
     states = _load(tag_dir / MODEL_STATES)
@@ -186,10 +194,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
             f = expert_file(ckpt.tag_dir, moe_layer, e)
             if not f.is_file():
                 n = len(list(ckpt.tag_dir.glob(EXPERT_FILE_GLOB)))
-                raise ExportError(
-                    f"{f}: expert file missing (layer {layer}, expert {e}); found {n} of "
-                    f"{len(layers) * cfg.num_local_experts} expert files in {ckpt.tag_dir}. With expert "
-                    "parallelism each rank writes its own experts: copy the files of every rank/node")
+                raise ExportError(missing_expert_message(f, layer, e, n, len(layers) * cfg.num_local_experts))
     dense = _checked_dense(ckpt, dense_shapes)
     _tick(progress)
     yield dense
@@ -322,10 +327,10 @@ def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
 
 
 def load_state_dict(path: str | os.PathLike, tag: str | None = None,
-                    config: ModelConfig | str | os.PathLike | None = None,
-                    master_weights: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+                    config: ModelConfig | str | os.PathLike | None = None, master_weights: bool = False,
+                    verify_checkpoint: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The consolidated state dict (our names, global expert ids) and config of a checkpoint, in memory."""
-    ckpt = open_checkpoint(path, tag, config)
+    ckpt = open_checkpoint(path, tag, config, verify_checkpoint)
     state: dict[str, torch.Tensor] = {}
     for chunk in iter_state_chunks(ckpt, master_weights):
         state.update(chunk)

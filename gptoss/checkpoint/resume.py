@@ -1,6 +1,7 @@
 """Restoring a checkpoint into a running engine at `--resume`: DeepSpeed's weights, optimizer and LR schedule,
 then this rank's sampler position and RNG streams, then the loop's counters, checked to agree with each other.
-The checks that need no engine (tag, model config, layout) ran earlier, in `gptoss.train.plan`."""
+The checks that need no engine (tag, manifest, model config, layout) ran earlier, in
+`gptoss.train.plan`."""
 
 from __future__ import annotations
 

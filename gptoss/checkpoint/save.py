@@ -1,6 +1,7 @@
 """The file that saves a checkpoint during training: the commit protocol that lets `latest` name only complete
-checkpoints (every file flushed to disk before train_state.json and `latest` are written, each atomically), and
-the pruning of old ones. The file names are in `layout`, what a rank's own file holds in `state`."""
+checkpoints (every file flushed to disk and described in the manifest before train_state.json and `latest` are
+written, each atomically), and the pruning of old ones. The file names are in `layout`, what a rank's own file
+holds in `state`, the manifest in `manifest`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from gptoss.checkpoint.layout import (
     tag_for_step,
     tag_step,
 )
+from gptoss.checkpoint.manifest import MANIFEST, describe, manifest_bytes, merge, recording_writes
 from gptoss.checkpoint.state import Progress, rng_state
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
     """
     import torch.distributed as dist
 
+    started = time.perf_counter()
     tag = tag_for_step(prog.step)
     tag_dir = plan.ckpt_dir / tag
     if plan.rank == 0 and tag_dir.exists() and tag != latest_tag(plan.ckpt_dir):
@@ -60,21 +64,34 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
         "reason": reason,  # "periodic", "final", "signal" or "non-finite"
         "sampler": sampler.state_dict(),
     }
-    engine.save_checkpoint(str(plan.ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    with recording_writes(engine) as written:
+        engine.save_checkpoint(str(plan.ckpt_dir), tag=tag, client_state=state, save_latest=False)
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
-    torch.save({"rng": rng_state(), "sampler": sampler.state_dict(), "step": prog.step},
-               rank_state_file(tag_dir, plan.rank))
+    mine = rank_state_file(tag_dir, plan.rank)
+    torch.save({"rng": rng_state(), "sampler": sampler.state_dict(), "step": prog.step}, mine)
+    t0 = time.perf_counter()
+    part = describe(tag_dir, [*written, mine], plan.rank)  # what this rank wrote, hashed while in the page cache
+    hash_s = time.perf_counter() - t0
     dist.barrier()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one rank per node flushes what its node wrote
         _fsync_tree(tag_dir)
-    dist.barrier()
+    parts: list[Any] = [None] * plan.world_size
+    dist.all_gather_object(parts, part)  # also the barrier: every node has flushed
     if plan.rank == 0:
-        _atomic_write(tag_dir / TRAIN_STATE, json.dumps(state, indent=2) + "\n")  # marks the dir complete
-        _atomic_write(plan.ckpt_dir / LATEST, tag)  # the commit
+        manifest = merge(tag_dir, parts)
+        _atomic_write(tag_dir / TRAIN_STATE, json.dumps({**state, MANIFEST: manifest}, indent=2) + "\n")
+        commit_latest(plan.ckpt_dir, tag)
         prune_checkpoints(plan.ckpt_dir, plan.args.keep_last, keep=tag)
+        log.info("saved checkpoint %s (%s; %d files, %.2f GB in %.2fs, of which %.2fs for rank 0's crc32 of "
+                 "%.2f GB)", tag_dir, reason, len(manifest["files"]), manifest_bytes(manifest) / 1e9,
+                 time.perf_counter() - started, hash_s, sum(e["size"] for e in part.values()) / 1e9)
     dist.barrier()
-    log.info("saved checkpoint %s (%s)", tag_dir, reason)
     return tag
+
+
+def commit_latest(ckpt_dir: Path, tag: str) -> None:
+    """Point `latest` at a verified tag: the commit of a save, or the tag a run resumed from by name."""
+    _atomic_write(ckpt_dir / LATEST, tag)
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
@@ -111,9 +128,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    """Keep `keep` (the tag `latest` names: never deleted) and the newest `keep_last - 1` complete checkpoints
-    before it; delete older ones and the remains of saves that died (no train_state.json). Tags after `keep`
-    (a run resumed from an older tag by hand) are left alone. keep_last 0 keeps everything."""
+    """Keep `keep` (the tag `latest` names, whose manifest the save has just written: the newest
+    verified checkpoint, never deleted) and the newest `keep_last - 1` complete checkpoints before it; delete older
+    ones and the remains of saves that died (no train_state.json). Tags after `keep` (a run resumed from an older
+    tag with --resume_from) are left alone. keep_last 0 keeps everything."""
     keep_step = tag_step(keep)
     if keep_last <= 0 or keep_step is None:
         return

@@ -36,8 +36,17 @@ class TrainArgs:
     seed: int = _help("seed of the weight init and the data order", default=0)
     attn_impl: str = _help("attention kernel: auto (FlexAttention on GPU, banded sliding window + SDPA on CPU), "
                            "flex, cpu (the banded/SDPA kernels on any device) or eager (reference)", default="auto")
+    activation_checkpointing: bool = _help("recompute each transformer block's activations in the backward pass "
+                                           "(torch.utils.checkpoint per block): less memory, about one more "
+                                           "forward per step", default=False)
     resume: bool = _help("continue from <out>/checkpoints/latest (same model, world size and batch layout)",
                          default=False)
+    resume_from: str | None = _help("continue from this checkpoint tag of <out>/checkpoints (e.g. step00001000; "
+                                    "same checks as --resume) instead of the one `latest` names, which then names "
+                                    "it; newer checkpoints are replaced as the run reaches their steps",
+                                    default=None)
+    verify_checkpoint: bool = _help("on resuming, read every checkpoint file and compare its crc32 with the "
+                                    "manifest (file sizes are always checked)", default=False)
     wandb: bool = _help("also log to Weights & Biases (WANDB_MODE=offline works without network)",
                         default=False)
     wandb_project: str = _help("W&B project name", default="gptoss")
@@ -63,7 +72,8 @@ def arg_parser(description: str | None = None) -> Any:
     import argparse
 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    types = {"int | None": int, "int": int, "float": float, "str": str, "int | str": _int_or_all}
+    types = {"int | None": int, "int": int, "float": float, "str": str, "int | str": _int_or_all,
+             "str | None": str}
     for f in dataclasses.fields(TrainArgs):
         help_text = f.metadata["help"]
         if f.type == "bool":

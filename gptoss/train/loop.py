@@ -1,6 +1,7 @@
 """The training loop and its entry point: `main` plans the run (every check that needs no process group), then
 `train` sets up (process group, engine, resume), runs the steps with evaluation, logging and periodic
-checkpoints, and saves the final checkpoint. `main` also turns failures into exit statuses:
+checkpoints, and saves the final checkpoint. `main` releases the run lock at the end (see `gptoss.checkpoint.lock`)
+and turns failures into exit statuses:
 
     0 done, or stopped by SIGTERM/SIGUSR1 (checkpoint saved)
     2 a user error (flags, config, data, checkpoint, a batch with an id outside the vocabulary): one line
@@ -23,7 +24,7 @@ from typing import Any
 
 from gptoss.checkpoint.layout import latest_tag
 from gptoss.checkpoint.resume import load_checkpoint
-from gptoss.checkpoint.save import save_checkpoint
+from gptoss.checkpoint.save import commit_latest, save_checkpoint
 from gptoss.checkpoint.state import Progress
 from gptoss.config import flops_per_token
 from gptoss.data import BatchSampler
@@ -86,10 +87,7 @@ def main(args: TrainArgs) -> int:
         if plan.world_size == 1 or not is_comm_failure(e):
             raise
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        try:
-            tag = latest_tag(plan.ckpt_dir)
-        except TrainError:
-            tag = None
+        tag = _latest_or_none(plan)
         print(f"train.py: error: rank {plan.rank} lost the other ranks ({first.strip()}): a rank died or hung "
               f"longer than --timeout_min={plan.args.timeout_min:g}; fix the cause and restart with --resume "
               f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
@@ -101,7 +99,15 @@ def main(args: TrainArgs) -> int:
             sys.stderr.flush()
         finally:  # a dead launcher can make the flush raise (broken pipe): exit 4 regardless
             os._exit(EXIT_LOST_RANK)
+    finally:
+        plan.release()  # the run lock: the next run on this --out may start
 
+
+def _latest_or_none(plan: Plan) -> str | None:
+    try:
+        return latest_tag(plan.ckpt_dir)
+    except TrainError:  # an empty `latest`
+        return None
 
 
 def train(plan: Plan) -> int:
@@ -115,6 +121,8 @@ def train(plan: Plan) -> int:
     prog = load_checkpoint(engine, plan, sampler) if plan.resume_tag else Progress()
     if plan.rank == 0:
         plan.out.mkdir(parents=True, exist_ok=True)
+        if plan.resume_tag is not None and plan.resume_tag != _latest_or_none(plan):
+            commit_latest(plan.ckpt_dir, plan.resume_tag)  # --resume_from: the run now continues from this tag
         plan.cfg.save(plan.out / "model_config.json")
         (plan.out / "run_args.json").write_text(json.dumps(run_args(plan), indent=2) + "\n")
     metrics = MetricsLog(plan, prog.step if plan.resume_tag else None)

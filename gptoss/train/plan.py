@@ -1,7 +1,8 @@
 """The plan of a run: every check that needs no process group, done on every rank before any exists, so a bad
 flag, config, data dir or checkpoint fails in seconds as one line (exit 2) instead of on every rank after setup.
 `plan_run` resolves the flags, the DeepSpeed config, the model config, the rank layout and the data into one
-`Plan`, and decides whether (and from which tag) the run resumes."""
+`Plan`, takes the run lock (rank 0: one training process per --out), and decides whether (and from which tag) the
+run resumes, after checking that tag against its manifest."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptoss.checkpoint.layout import CHECKPOINTS_DIR, latest_tag, rank_state_file, read_train_state
+from gptoss.checkpoint.layout import (
+    CHECKPOINTS_DIR,
+    latest_tag,
+    rank_state_file,
+    read_train_state,
+    train_state_file,
+)
+from gptoss.checkpoint.lock import RunLock, acquire_run_lock
+from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ModelConfig, get_config
 from gptoss.data import DataError, TokenDataset
 from gptoss.errors import TrainError
@@ -39,7 +48,13 @@ class Plan:
     total_steps: int
     train_data: TokenDataset
     val_data: TokenDataset | None
-    resume_tag: str | None  # checkpoint tag to load, when --resume
+    resume_tag: str | None  # checkpoint tag to load, when --resume or --resume_from
+    lock: RunLock | None = None  # rank 0's lock on the run dir, held until `release`
+
+    def release(self) -> None:
+        """Let the next run on this --out start (the end of the process does it too)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def tokens_per_step(self) -> int:
@@ -54,11 +69,25 @@ class Plan:
         return self.out / CHECKPOINTS_DIR
 
 
+def _resume_from_tag(a: TrainArgs, ckpt_dir: Path) -> str:
+    tag = a.resume_from
+    if not tag or Path(tag).name != tag or not (ckpt_dir / tag).is_dir():
+        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
+        raise TrainError(f"--resume_from {tag}: no checkpoint tag {ckpt_dir / str(tag)}; pass the name of a tag "
+                         f"directory of {ckpt_dir}" + (f", one of {', '.join(tags)}" if tags else " (there are none)"))
+    return tag
+
+
 def _check_resume(plan: Plan) -> None:
-    """--resume only onto a complete checkpoint of the same model and layout; no new run over an old one."""
+    """--resume (`latest`) or --resume_from TAG only onto a complete checkpoint that verifies against its manifest,
+    of the same model and layout; no new run over an old one. A `latest` that fails verification stops the run:
+    the line names the newest older tag that verifies, for --resume_from (the user decides)."""
     a, ckpt_dir = plan.args, plan.ckpt_dir
-    tag = latest_tag(ckpt_dir)
-    if not a.resume:
+    if a.resume_from is not None:  # whatever `latest` says, even when it is broken
+        flag, tag = "--resume_from", _resume_from_tag(a, ckpt_dir)
+    else:
+        flag, tag = "--resume", latest_tag(ckpt_dir)
+    if not a.resume and a.resume_from is None:
         if tag is not None:
             raise TrainError(f"{a.out} already holds checkpoints (latest: {tag}); pass --resume to continue "
                              "that run or choose another --out")
@@ -66,6 +95,11 @@ def _check_resume(plan: Plan) -> None:
     if tag is None:
         raise TrainError(f"--resume: no checkpoint to resume in {ckpt_dir} (no 'latest' file); "
                          "drop --resume to start a new run")
+    train_state_file(ckpt_dir, tag)
+    # Every rank checks the sizes (a stat per file, the same verdict everywhere); the checksums, which read every
+    # byte, rank 0 alone: the others wait for it at the rendezvous, and its exit 2 stops them through the launcher.
+    check_checkpoint(ckpt_dir / tag, a.verify_checkpoint and plan.rank == 0, TrainError,
+                     "resume from it with --resume_from", prefix=f"{flag}: ")
     state = read_train_state(ckpt_dir, tag)
     mine = rank_state_file(ckpt_dir / tag, plan.rank)
     if state.get("world_size") == plan.world_size and not mine.is_file():
@@ -113,7 +147,13 @@ def plan_run(args: TrainArgs) -> Plan:
     set_schedule_length(ds, total)
     train_data, val_data = open_data(args, cfg)
     plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None)
-    _check_resume(plan)
+    # The lock before the checkpoint checks: a second run must hear "in use", not a verdict on a moving target.
+    plan.lock = acquire_run_lock(plan.out) if rank == 0 else None
+    try:
+        _check_resume(plan)
+    except BaseException:
+        plan.release()
+        raise
     return plan
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss.config import ModelConfig
+from gptoss.model.attention import Segments, per_story_attention
 from gptoss.model.gptoss import ModelOutput
 from gptoss.model.loss import chunked_cross_entropy
 
@@ -25,10 +26,14 @@ class GPT2Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.q_dim)
         self.c_proj = nn.Linear(cfg.q_dim, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        q, k, v = (t.transpose(1, 2) for t in self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2))
+        if segments is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # each story alone: causal SDPA never crosses <|endoftext|>
+            out = per_story_attention(lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True),
+                                      q, k, v, segments)
         return self.c_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -50,8 +55,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), segments)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -83,14 +88,20 @@ class GPT2(nn.Module):
                     nn.init.normal_(linear.weight, 0.0, s, generator=generator)
                     nn.init.zeros_(linear.bias)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **_: object) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, eot_id: int | None = None,
+                **_: object) -> ModelOutput:
+        """Logits, or the loss of `targets`; caches/start_pos are accepted and ignored (it decodes by
+        recomputing). With `eot_id` each story (starting at an `eot_id` token) is attended alone and its
+        learned positions restart at 0, as in `GptOss.forward`."""
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
+        segments = Segments.from_tokens(input_ids, eot_id) if eot_id is not None else None
+        positions = torch.arange(T, device=input_ids.device) if segments is None else segments.positions
+        x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
-            x = block(x)
+            x = block(x, segments)
         x = self.ln_f(x)
         zero = x.new_zeros((), dtype=torch.float32)
         if targets is None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import Attention, KVCache
+from gptoss.model.attention import Attention, KVCache, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
 from gptoss.model.loss import chunked_cross_entropy
 from gptoss.model.moe import MoEFeedForward, init_experts
@@ -48,9 +48,10 @@ class Block(nn.Module):
         self.mlp = MoEFeedForward(cfg, ep_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                cache: KVCache | None = None, segments: Segments | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The residual stream after this block, and its MoE's aux loss () and expert counts (E,)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, segments=segments)
         h, aux_loss, counts = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux_loss, counts
 
@@ -89,14 +90,26 @@ class GptOss(nn.Module):
                         dtype=dtype, device=device) for block in self.layers]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, start_pos: int = 0) -> ModelOutput:
+                caches: list[KVCache] | None = None, start_pos: int = 0, *, eot_id: int | None = None) -> ModelOutput:
+        """Logits, or the loss of `targets`. With `eot_id` (story-aware attention, for training windows) a new
+        story starts at each `eot_id` token: attention stays inside a story and rotary positions restart at
+        0 there, as when sampling after <|endoftext|>. Decoding with `caches` (one story per row) refuses it."""
         T = input_ids.shape[1]
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        segments = None
+        if eot_id is None:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        elif caches is not None or start_pos != 0:
+            raise ValueError("eot_id (story-aware attention) is for whole training windows, not for decoding with "
+                             "caches or start_pos; generation starts each story after <|endoftext|> itself")
+        else:
+            segments = Segments.from_tokens(input_ids, eot_id)
+            positions = segments.positions  # (B, T)
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         aux_losses, layer_counts = [], []
         for i, block in enumerate(self.layers):
-            x, aux_loss, counts = block(x, cos, sin, positions, caches[i] if caches is not None else None)
+            x, aux_loss, counts = block(x, cos, sin, positions, caches[i] if caches is not None else None,
+                                        segments)
             aux_losses.append(aux_loss)
             layer_counts.append(counts)
         x = self.norm(x)

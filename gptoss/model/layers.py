@@ -71,15 +71,16 @@ class RotaryEmbedding(nn.Module):
         return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (fp32) of shape positions.shape + (head_dim/2,)."""
+        """cos, sin (fp32) of shape positions.shape + (head_dim/2,): positions (T,) shared by the batch, or
+        (B, T) per row (story-aware attention restarts them at each story)."""
         cos, sin = self._table(int(positions.max().item()) + 1, positions.device)
         return cos[positions], sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, heads, d) by cos/sin (T, d/2): half-split, not interleaved."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """Rotate x (B, T, heads, d) by cos/sin (T, d/2) or per row (B, T, d/2): half-split, not interleaved."""
+    cos = cos.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    sin = sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 

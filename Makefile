@@ -9,7 +9,7 @@ endif
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-slurm quickstart test test-fast lint
+.PHONY: setup setup-slurm quickstart test test-fast lint gpu-check
 setup:
 	@scripts/setup.sh
 
@@ -33,3 +33,10 @@ test: setup-slurm
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# One GPU check in one call (bench/gpu_check.py, at most ~8 minutes on one GPU): one markdown table in
+# gpu_check.md. On a GPU machine without internet, carry gpu_kit/ (made by scripts/gpu_wheels.sh where pip reaches
+# PyPI); it needs a Python with torch, transformers, tiktoken, safetensors and numpy, not this .venv.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --out gpu_check.md

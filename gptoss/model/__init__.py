@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import KVCache
+from gptoss.model.attention import KVCache, Segments
+from gptoss.model.checkpointing import activation_checkpointing_enabled, set_activation_checkpointing
 from gptoss.model.gpt2 import GPT2
 from gptoss.model.gptoss import GptOss, ModelOutput
 from gptoss.model.moe import MoEFeedForward, validate_parallelism
@@ -55,5 +56,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2", "GptOss", "KVCache", "ModelOutput", "build_model", "param_groups",
+__all__ = ["ATTENTION_IMPLS", "GPT2", "GptOss", "KVCache", "ModelOutput", "Segments",
+           "activation_checkpointing_enabled", "build_model", "param_groups", "set_activation_checkpointing",
            "set_attention_impl", "validate_parallelism"]

@@ -1,7 +1,8 @@
 """The file that validates a DeepSpeed config: the `gptoss` section split off, unknown keys refused with a
-did-you-mean (DeepSpeed silently ignores a misspelt top-level key), the global-batch arithmetic, DeepSpeed's
-own validation of every section run before any process group exists, and the LR schedule's length set from the
-run's step count. Apart from the planner because it is all about one file format and DeepSpeed's models of it."""
+did-you-mean (DeepSpeed silently ignores a misspelt top-level key), keys DeepSpeed reads but a gptoss run would
+ignore refused with what to use instead, the global-batch arithmetic, DeepSpeed's own validation of every section
+run before any process group exists, and the LR schedule's length set from the run's step count. Apart from the
+planner because it is all about one file format and DeepSpeed's models of it."""
 
 from __future__ import annotations
 
@@ -34,6 +35,28 @@ DS_CONFIG_KEYS = frozenset({
 })
 GPTOSS_KEYS = frozenset({"ep_size"})  # the config's own "gptoss" section
 
+# Keys DeepSpeed reads (so they are in DS_CONFIG_KEYS) that change nothing in a gptoss run, or stop it, as
+# deepspeed.initialize(model, model_parameters, config) is called here: we refuse them too, each with what to
+# use instead. Found by reading DeepSpeed 0.19's engine for where each section takes effect.
+IGNORED_DS_KEYS: dict[str, str] = {
+    "activation_checkpointing": "it only configures deepspeed.checkpointing, which gptoss models never call; "
+                                "use train.py --activation_checkpointing",
+    "compile": "only engine.compile() reads it, and train.py never calls that; use train.py --compile",
+    "pipeline": "only DeepSpeed's PipelineEngine reads it (for a PipelineModule); gptoss models are not pipelined",
+    "dataloader_drop_last": "only DeepSpeed's own data loader reads it (deepspeed.initialize(training_data=...)); "
+                            "gptoss feeds its BatchSampler's windows, which never have a short batch",
+    "data_efficiency": "its data sampling and curriculum work through DeepSpeed's own data loader and its "
+                       "random-LTD through layers converted by convert_to_random_ltd; gptoss uses neither",
+    "weight_quantization": "only ZeRO-3's zero.Init reads it; gptoss trains with ZeRO-1/2",
+    "hybrid_engine": "its inference kernels serve engine.generate() for RLHF, which train.py never calls; sample "
+                     "with launch/sample.py",
+    "autotuning": "the engine exits the process after the profiling steps (it is meant for `deepspeed "
+                  "--autotuning`, whose configs set gradient_accumulation_steps, refused here); tune "
+                  "train_micro_batch_size_per_gpu by hand",
+    "vocabulary_size": "DeepSpeed only warns when it is not a multiple of 8; the vocabulary is the model "
+                       "config's (--model)",
+}
+
 
 def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(DeepSpeed config, gptoss section). Keys starting with `_` are comments and are dropped."""
@@ -47,7 +70,21 @@ def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     _refuse_unknown(set(ds) - DS_CONFIG_KEYS, DS_CONFIG_KEYS, f"--ds_config {path}: unknown DeepSpeed "
                     "key(s)", "DeepSpeed would silently ignore them; fix the name, or prefix it with '_' to keep it "
                     "as a comment")
+    ignored = sorted(set(ds) & set(IGNORED_DS_KEYS))
+    if ignored:
+        raise TrainError(f"--ds_config {path}: " + "; ".join(
+            f"DeepSpeed key '{k}' does not work with train.py: {_ignored_reason(k)}" for k in ignored))
     return ds, ours
+
+
+def _ignored_reason(key: str) -> str:
+    """Why `key` is refused and what to use instead; names --compile only once train.py has that flag."""
+    from gptoss.train.args import TrainArgs
+
+    reason = IGNORED_DS_KEYS[key]
+    if key == "compile" and "compile" not in TrainArgs.__dataclass_fields__:
+        reason = reason.replace("use train.py --compile", "train.py does not compile the model yet")
+    return reason
 
 
 def _closest(key: str, known: set[str] | frozenset[str]) -> str | None:

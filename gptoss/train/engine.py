@@ -1,6 +1,6 @@
-"""The DeepSpeed engine: the model built from the seed, our parameter groups, `deepspeed.initialize` and the
-one fix-up of its LR schedule. The only place the trainer creates a model; fault-injection tests wrap
-`build_engine` to reach the engine's parameters."""
+"""The DeepSpeed engine: the model built from the seed (attention kernel and activation checkpointing as the
+flags say), our parameter groups, `deepspeed.initialize` and the one fix-up of its LR schedule. The only place
+the trainer creates a model; fault-injection tests wrap `build_engine` to reach the engine's parameters."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ def build_engine(plan: Plan) -> Any:
     """Model from the seed, then DeepSpeed's engine with our parameter groups (no decay on norms etc.)."""
     import deepspeed
 
-    from gptoss.model import build_model, param_groups, set_attention_impl
+    from gptoss.model import build_model, param_groups, set_activation_checkpointing, set_attention_impl
 
     torch.manual_seed(plan.args.seed)
     model = build_model(plan.cfg, ep_size=plan.ep_size)
     set_attention_impl(model, plan.args.attn_impl)
+    set_activation_checkpointing(model, plan.args.activation_checkpointing)
     wd = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), config=plan.ds_config)
     sched = engine.lr_scheduler

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import resource
 import uuid
@@ -15,16 +16,44 @@ import torch
 
 from gptoss.train.plan import Plan
 
-# Dense bf16 tensor-core peaks, for MFU (matched against the accelerator's name).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A40": 149.7e12}
+log = logging.getLogger(__name__)
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, for MFU, by the exact name that
+# torch.cuda.get_device_name() reports: a substring would give "NVIDIA RTX A4000" the A40's peak and an H100
+# PCIe (756) the SXM part's (989.4). A name not listed gets no MFU rather than a wrong one.
+PEAK_FLOPS = {
+    "NVIDIA A40": 149.7e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835.5e12,  # datasheet: 1,671 with sparsity
+    "NVIDIA H200": 989.4e12,  # SXM
+    "NVIDIA H200 NVL": 835.5e12,  # datasheet: 1,671 with sparsity
+    "NVIDIA L40S": 362.05e12,
+    "NVIDIA L40": 181.05e12,
+}
+_unknown_noted: set[str] = set()
+
+
+def peak_flops_of(name: str) -> float | None:
+    """Dense bf16 peak of the device called `name` (exactly as torch.cuda.get_device_name() says), else None;
+    the first time an unknown name is seen, one log line names it."""
+    peak = PEAK_FLOPS.get(name.strip())
+    if peak is None and name not in _unknown_noted:
+        _unknown_noted.add(name)
+        log.info("no dense bf16 peak known for device %r: MFU is not reported (add it to PEAK_FLOPS in %s)",
+                 name, __name__)
+    return peak
 
 
 def peak_flops() -> float | None:
     """Per-device dense bf16 peak of a known GPU, else None (no MFU on CPU or unknown devices)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name())
 
 
 def memory_stats() -> dict[str, float | None]:

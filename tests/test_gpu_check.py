@@ -1,0 +1,60 @@
+"""bench/gpu_check.py --dry_run: the one GPU check runs every stage on CPU at toy size, so the script that gets a
+few minutes of a real GPU has been run end to end before, without `datasets` (the GPU machine lacks it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, cpu_env
+
+from gptoss.data.synthetic import generate_corpus, write_stories
+
+ROWS = [  # (start of the check column, what its result must start with; None: any value)
+    ("environment", None), ("DeepSpeed", None),
+    ("attention parity, sliding W=16, bf16", "ok"), ("attention parity, full causal, bf16", "ok"),
+    ("chunked loss vs plain cross-entropy, bf16", "ok"), ("data", None),
+    ("tiny, a40.json: time to first step", None), ("tiny, a40.json: tokens/s", None),
+    ("tiny, a40.json: MFU", "n/a"), ("tiny, a40.json: peak memory", "n/a on CPU"),
+    ("--compile: tokens/s", None), ("--activation_checkpointing: tokens/s, peak memory", None),
+    ("transformers GptOssForCausalLM step, same model and batch", None),
+    ("export + transformers greedy", "ok: 12/12 tokens equal"), ("sampled story", None),
+]
+
+
+def table_rows(text: str) -> dict[str, tuple[str, str]]:
+    rows = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): (cells[1].strip(), cells[2].strip()) for cells in rows[2:]}  # after the header
+
+
+@pytest.mark.slow
+def test_dry_run_has_every_row(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    stories = generate_corpus(80, seed=3)
+    write_stories(stories[:60], data / "train.txt")
+    write_stories(stories[60:], data / "valid.txt")
+    blocked = tmp_path / "blocked"  # the GPU machine has neither: an import of them fails the run
+    for name in ("datasets", "pyarrow"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    out = tmp_path / "check.md"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry_run", "--out", str(out),
+                           "--data", str(data), "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=cpu_env(PYTHONPATH=str(blocked), OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.strip() in proc.stdout  # printed and written: one table
+    rows = table_rows(text)
+    assert list(rows) == [name for name, _ in ROWS], list(rows)
+    for name, expect in ROWS:
+        result, _ = rows[name]
+        assert not result.startswith(("FAIL", "skipped")), (name, rows[name])
+        assert expect is None or result.startswith(expect), (name, rows[name])
+    assert "60 + 20 stories" in rows["data"][1]
+    from gptoss.train import arg_parser
+
+    has_compile = "--compile" in arg_parser()._option_string_actions
+    assert (rows["--compile: tokens/s"][0] == "not available yet") != has_compile
+    assert rows["sampled story"][1].split(": ", 1)[1].startswith("Once upon a time")

@@ -249,4 +249,15 @@ def test_real_tokenizer_sample_with_the_tiny_preset(tmp_path):
     assert sorted(m) == [1, 2] and "val_loss" in m[2]
     # bits per byte: the summed loss in bits over the bytes of the same targets (val.bin's ids decode to text)
     assert m[2]["val_bpb"] > 0 and math.isfinite(m[2]["val_bpb"])
+    state = json.loads((out / "checkpoints" / "step00000002" / "train_state.json").read_text())
+    assert state["story_aware"] is True  # the default: attention stays inside each story
+    # The same run with attention across stories sees the same batches (the windows hold <|endoftext|>) but
+    # computes another loss from step 1 on.
+    across = tmp_path / "across"
+    ok(launch(TRAIN, "--ds_config", str(CPU_CONFIG), "--model", "tiny", "--data", str(tmp_path / "sample"),
+              "--out", str(across), "--max_steps", "1", "--seq_len", "32", "--eval_every", "0",
+              "--log_every", "1", "--attend_across_stories"))
+    assert read_metrics(across)[1]["loss"] != m[1]["loss"]
+    saved = json.loads((across / "checkpoints" / "step00000001" / "train_state.json").read_text())
+    assert saved["story_aware"] is False
     assert m[1]["loss"] == pytest.approx(math.log(201088), abs=0.5)  # near uniform at init

@@ -59,6 +59,7 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
         "micro_batch_size": plan.micro,
         "seq_len": plan.args.seq_len,
         "seed": plan.args.seed,
+        "story_aware": plan.eot_id is not None,
         "total_steps": plan.total_steps,
         **dataclasses.asdict(prog),  # step, bad_in_a_row, skipped_total, train_seconds
         "reason": reason,  # "periodic", "final", "signal" or "non-finite"

@@ -36,6 +36,10 @@ class TrainArgs:
     seed: int = _help("seed of the weight init and the data order", default=0)
     attn_impl: str = _help("attention kernel: auto (FlexAttention on GPU, banded sliding window + SDPA on CPU), "
                            "flex, cpu (the banded/SDPA kernels on any device) or eager (reference)", default="auto")
+    attend_across_stories: bool = _help("let attention cross <|endoftext|> and positions run on across stories "
+                                        "(the only behaviour before story-aware training); default: each story "
+                                        "attends to itself only and its positions restart at its <|endoftext|>, as "
+                                        "when sampling", default=False)
     activation_checkpointing: bool = _help("recompute each transformer block's activations in the backward pass "
                                            "(torch.utils.checkpoint per block): less memory, about one more "
                                            "forward per step", default=False)

@@ -127,8 +127,10 @@ def train(plan: Plan) -> int:
         (plan.out / "run_args.json").write_text(json.dumps(run_args(plan), indent=2) + "\n")
     metrics = MetricsLog(plan, prog.step if plan.resume_tag else None)
     log.info("%d rank(s), ep_size %d, global batch %d x %d tokens = %d tokens/step (micro %d x accum %d), "
-             "%d steps", plan.world_size, plan.ep_size, plan.global_batch, args.seq_len, plan.tokens_per_step,
-             plan.micro, plan.accum, plan.total_steps)
+             "%d steps, %s", plan.world_size, plan.ep_size, plan.global_batch, args.seq_len, plan.tokens_per_step,
+             plan.micro, plan.accum, plan.total_steps,
+             f"story-aware attention (stories start at id {plan.eot_id})" if plan.eot_id is not None
+             else "attention across stories")
 
     flops = flops_per_token(plan.cfg, args.seq_len)
     peak = peak_flops()

@@ -49,6 +49,7 @@ class Plan:
     train_data: TokenDataset
     val_data: TokenDataset | None
     resume_tag: str | None  # checkpoint tag to load, when --resume or --resume_from
+    eot_id: int | None = None  # story-aware attention: stories start at this id; None: one causal sequence
     lock: RunLock | None = None  # rank 0's lock on the run dir, held until `release`
 
     def release(self) -> None:
@@ -118,6 +119,11 @@ def _check_resume(plan: Plan) -> None:
         raise TrainError(f"--resume: checkpoint {tag} was written with another layout ({what}); resume with "
                          "the same number of ranks, --ep_size, train_batch_size and --seq_len "
                          "(ZeRO optimizer shards and the data stream depend on them)")
+    story_aware = bool(state.get("story_aware", False))  # checkpoints from before it trained without
+    if story_aware != (plan.eot_id is not None):
+        log.info("--resume: %s was trained %s story-aware attention; continuing %s it", tag,
+                 "with" if story_aware else "without", "with" if story_aware else "without")
+        plan.eot_id = _eot_id(plan.train_data) if story_aware else None
     plan.resume_tag = tag
 
 
@@ -146,7 +152,8 @@ def plan_run(args: TrainArgs) -> Plan:
     total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / tokens_per_step)
     set_schedule_length(ds, total)
     train_data, val_data = open_data(args, cfg)
-    plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None)
+    plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None,
+                eot_id=None if args.attend_across_stories else _eot_id(train_data))
     # The lock before the checkpoint checks: a second run must hear "in use", not a verdict on a moving target.
     plan.lock = acquire_run_lock(plan.out) if rank == 0 else None
     try:
@@ -155,6 +162,15 @@ def plan_run(args: TrainArgs) -> Plan:
         plan.release()
         raise
     return plan
+
+
+def _eot_id(data: TokenDataset) -> int:
+    """The id that starts each story: the data's <|endoftext|> (meta.json's eot_id)."""
+    eot = data.meta.get("eot_id")
+    if not isinstance(eot, int) or not 0 <= eot < data.vocab_size:
+        raise DataError(f"{data.data_dir / 'meta.json'}: eot_id {eot!r} is not an id of the vocabulary "
+                        f"({data.vocab_size}); story-aware attention needs it (or pass --attend_across_stories)")
+    return eot
 
 
 def open_data(args: TrainArgs, cfg: ModelConfig) -> tuple[TokenDataset, TokenDataset | None]:

@@ -37,6 +37,11 @@ def my_rows(sampler: BatchSampler, plan: Plan) -> list[tuple[torch.Tensor, torch
     return [plan.train_data.batch(mine[i:i + plan.micro]) for i in range(0, per_rank, plan.micro)]
 
 
+def story_kw(plan: Plan) -> dict[str, int]:
+    """The forward's story-aware argument: attention stays inside each story (see `gptoss.model.Segments`)."""
+    return {} if plan.eot_id is None else {"eot_id": plan.eot_id}
+
+
 @dataclass
 class StepStats:
     loss: float  # mean cross-entropy over the global batch
@@ -57,7 +62,7 @@ def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     counts = None
     nan = torch.tensor(float("nan"), device=dev)
     for x, y in micro_batches:
-        out = engine(x.to(dev, non_blocking=True), targets=y.to(dev, non_blocking=True))
+        out = engine(x.to(dev, non_blocking=True), targets=y.to(dev, non_blocking=True), **story_kw(plan))
         loss = out.loss + out.aux_loss
         finite = torch.isfinite(loss)
         # A non-finite loss must not yield finite gradients: scale by NaN so DeepSpeed's overflow check skips.
@@ -93,7 +98,7 @@ class EvalStats:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, plan: Plan, eot_id: int | None = None) -> EvalStats:
+def evaluate(engine: Any, plan: Plan) -> EvalStats:
     """Cross-entropy over fixed val windows (`--eval_batches N`) or every target of the split once
     (`--eval_batches all`), shared out over the ranks (equal forwards per rank, which expert parallelism
     needs), summed with one all-reduce: nats, targets and their UTF-8 bytes."""
@@ -111,7 +116,7 @@ def evaluate(engine: Any, plan: Plan, eot_id: int | None = None) -> EvalStats:
     total = torch.zeros(3, dtype=torch.float64, device=dev)  # nats, targets, bytes
     for x, y in batches:
         x, y = x.to(dev), y.to(dev)
-        out = engine(x, targets=y, **({"eot_id": eot_id} if eot_id is not None else {}))
+        out = engine(x, targets=y, **story_kw(plan))
         valid = y != IGNORE_INDEX
         total[0] += out.loss.double() * valid.sum()
         total[1] += valid.sum()

@@ -383,3 +383,23 @@ def test_whole_split_batches_cover_every_target_once_and_even_out_the_ranks(prep
     kept = targets[targets != IGNORE_INDEX]
     assert len(kept) == n * 8  # every target of the non-overlapping windows, once; padding counts in no loss
     assert sorted(kept.tolist()) == sorted(ids[1:n * 8 + 1].tolist())
+
+
+REAL_STORIES = REPO / ".." / "shared" / "data" / "tinystories"
+
+
+@pytest.mark.skipif(not (REAL_STORIES / "valid.txt").is_file(), reason="real TinyStories not in ../shared/data")
+def test_real_tinystories_bytes_ids_and_stories(tmp_path: Path) -> None:
+    """On the real subset: both files become the two splits, the recorded UTF-8 bytes are the bytes the ids
+    decode to (what bits per byte divides by), and the token counts match the files."""
+    from gptoss.tokenizer import token_byte_lengths
+
+    meta = prepare_dataset(str(REAL_STORIES / "*.txt"), tmp_path / "ts")
+    assert meta["val_from"] == "source validation split"
+    assert meta["splits"]["train"]["documents"] == 5431 and meta["splits"]["val"]["documents"] == 3115
+    lengths = token_byte_lengths()
+    for split in ("train", "val"):
+        ids = np.fromfile(tmp_path / "ts" / f"{split}.bin", dtype=np.uint32)
+        assert int(lengths[ids].sum()) == meta["splits"][split]["bytes"]
+        kept, counts = read_token_counts(tmp_path / "ts", split)
+        assert int(counts.sum()) == len(ids) and len(kept) == meta["splits"][split]["distinct_ids"]

@@ -24,7 +24,7 @@ quickstart: setup
 	$(PY) launch/prepare_data.py --synthetic 2000 --out data/synthetic
 	rm -rf runs/quickstart
 	$(PY) launch/train.py --ds_config ds_configs/cpu.json --model tiny --data data/synthetic --out runs/quickstart \
-		--max_steps 60 --seq_len 64 --eval_every 20
+		--max_steps 60 --seq_len 64 --eval_every 20 --vocab data
 	$(PY) launch/sample.py runs/quickstart --max_new_tokens 60
 
 test: setup-slurm

@@ -51,6 +51,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     layer_types: list[str] = field(default_factory=list)
+    # The data vocabulary (gptoss.model.vocab): sorted full ids given their own rows; every other id shares one
+    # tail row. None = all vocab_size rows. vocab_size stays the semantic (exported) vocabulary either way.
+    kept_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -75,6 +78,8 @@ class ModelConfig:
              f"needs one entry per layer ({self.num_hidden_layers})")
         need(all(t in ("sliding_attention", "full_attention") for t in self.layer_types), "layer_types",
              "entries must be 'sliding_attention' or 'full_attention'")
+        if self.kept_ids is not None:
+            self._validate_kept_ids()
         if self.arch == "gpt2":
             need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
                  "the GPT-2 baseline uses multi-head attention (kv heads == heads)")
@@ -90,7 +95,33 @@ class ModelConfig:
                  "only {'rope_type': 'yarn'} is supported (or null for plain RoPE)")
             need(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling", "factor must be >= 1")
 
+    def _validate_kept_ids(self) -> None:
+        from gptoss.tokenizer import EOT_ID
+
+        ids = self.kept_ids
+        where = f"model config: kept_ids ({len(ids)} ids)"
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError(f"{where}: expected a list of integer token ids")
+        if any(a >= b for a, b in zip(ids, ids[1:])):
+            raise ConfigError(f"{where}: must be sorted and without repeats")
+        if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
+            raise ConfigError(f"{where}: ids must lie in [0, vocab_size={self.vocab_size})")
+        if not 1 <= len(ids) < self.vocab_size:
+            raise ConfigError(f"{where}: needs at least one id and fewer than vocab_size={self.vocab_size} "
+                              "(with every id kept, use kept_ids=null)")
+        if self.vocab_size > EOT_ID and EOT_ID not in set(ids):
+            raise ConfigError(f"{where}: must include <|endoftext|> ({EOT_ID}), which starts every story")
+
     # ---- derived -----------------------------------------------------------------------------
+    @property
+    def trained_vocab_size(self) -> int:
+        """Rows the model holds: every id, or the kept ids plus one shared tail row."""
+        return self.vocab_size if self.kept_ids is None else len(self.kept_ids) + 1
+
+    def exported(self) -> ModelConfig:
+        """The full-vocabulary config an export holds (kept_ids expanded away)."""
+        return self if self.kept_ids is None else dataclasses.replace(self, kept_ids=None)
+
     @property
     def is_moe(self) -> bool:
         return self.arch == "gpt_oss"
@@ -192,14 +223,26 @@ def _expert_params(c: ModelConfig) -> int:
     return (h * 2 * i + 2 * i) + (i * h + h)
 
 
-def param_counts(c: ModelConfig) -> dict[str, int]:
+VOCABS = ("trained", "exported")
+
+
+def _vocab_rows(c: ModelConfig, vocab: str) -> int:
+    if vocab not in VOCABS:
+        raise ValueError(f"vocab {vocab!r}: expected one of {', '.join(VOCABS)}")
+    return c.trained_vocab_size if vocab == "trained" else c.vocab_size
+
+
+def param_counts(c: ModelConfig, vocab: str = "trained") -> dict[str, int]:
     """Parameter counts: total, active per token (top-k of E experts), embedding, unembedding, per part.
 
-    OpenAI quotes `total` and `active_excl_unembedding` (20.915B / 3.608B for gpt-oss-20b).
+    OpenAI quotes `total` and `active_excl_unembedding` (20.915B / 3.608B for gpt-oss-20b). With a data
+    vocabulary (`kept_ids`), vocab="trained" counts the rows trained (kept ids + tail), "exported" the
+    201,088-row model an export holds; without one both are the same.
     """
     h, L = c.hidden_size, c.num_hidden_layers
-    embed = c.vocab_size * h
-    unembed = 0 if c.tie_word_embeddings else c.vocab_size * h
+    rows = _vocab_rows(c, vocab)
+    embed = rows * h
+    unembed = 0 if c.tie_word_embeddings else rows * h
     attn = _attention_params(c) * L
     if c.arch == "gpt2":
         inner = c.mlp_ratio * h
@@ -239,16 +282,17 @@ def attention_span(c: ModelConfig, layer: int, seq_len: int) -> float:
     return (seq_len + 1) / 2
 
 
-def flops_per_token(c: ModelConfig, seq_len: int, training: bool = True) -> float:
+def flops_per_token(c: ModelConfig, seq_len: int, training: bool = True, vocab: str = "trained") -> float:
     """Model FLOPs per token: 2 per active matmul weight, plus attention scores and values.
 
     Training counts forward + backward (3x forward), as in the PaLM MFU definition. Attention uses the
-    causal span, with the window for sliding layers, so long sequences are not over-counted.
+    causal span, with the window for sliding layers, so long sequences are not over-counted. `vocab` as in
+    `param_counts`: the data vocabulary's head is kept ids + tail ("trained") or all 201,088 ("exported").
     """
-    p = param_counts(c)
+    p = param_counts(c, vocab)
     matmul_params = p["active"] - p["embedding"] - p["norms"]  # the embedding lookup is not a matmul
     if c.tie_word_embeddings:
-        matmul_params += c.vocab_size * c.hidden_size  # a tied embedding is still the unembedding matmul
+        matmul_params += _vocab_rows(c, vocab) * c.hidden_size  # a tied embedding is still the unembedding
     fwd = 2.0 * matmul_params
     for layer in range(c.num_hidden_layers):
         # QK^T and PV: 2 matmuls x 2 FLOPs x span x q_dim

@@ -10,6 +10,11 @@ Sampling: logits / temperature -> top-k -> top-p (nucleus), the order of transfo
 0 is greedy. Random draws come from one CPU `torch.Generator` seeded with `seed` (one uniform per row and
 step, inverted through the CDF), so a seed gives the same tokens on CPU and GPU as long as the logits agree;
 seed None draws from torch's global CPU generator (`torch.manual_seed` applies).
+
+A run trained with a data vocabulary (`--vocab data`, `gptoss.model.vocab`) samples full-vocabulary ids: its
+last-position logits are expanded to all 201,088 ids with the tail logit itself for every id outside the kept
+set (not plus ln N: the N equal logits together carry it), so softmax, top-k/top-p, sampling and greedy are
+exactly those of its export in transformers (greedy ties resolve to the lowest id in both).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     scaling = dict(cfg.rope_scaling, truncate=False) if cfg.rope_scaling else None
     max_pos = hf_max_position_embeddings(cfg)
     rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
-    return special_ids(cfg) | {
+    return special_ids(cfg) | story_prefix(cfg) | {
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",
         "vocab_size": cfg.vocab_size,
@@ -129,6 +129,13 @@ def special_ids(cfg: ModelConfig) -> dict[str, int | None]:
     eos = EOS_ID if cfg.arch == "gpt_oss" else EOT_ID
     return {"bos_token_id": BOS_ID if has else None, "eos_token_id": eos if has else None,
             "pad_token_id": PAD_ID if has else None}
+
+
+def story_prefix(cfg: ModelConfig) -> dict[str, str]:
+    """config.json's `prefix`: the text transformers' text-generation pipeline puts before every prompt. A story
+    follows <|endoftext|> in training and in launch/sample.py, so the pipeline starts it there too (and returns
+    the prompt and new text without it); the tokenizer itself adds nothing (ids = tiktoken's)."""
+    return {"prefix": "<|endoftext|>"} if cfg.vocab_size > EOT_ID else {}
 
 
 def from_hf_config(d: dict[str, Any]) -> ModelConfig:
@@ -184,7 +191,7 @@ def hf_gpt2_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, 
     reason = hf_incompatibility(cfg)
     if reason:
         raise ValueError(reason)  # export checks first and writes its own format instead
-    return special_ids(cfg) | {
+    return special_ids(cfg) | story_prefix(cfg) | {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "vocab_size": cfg.vocab_size,

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_every", type=int, default=200, help="evaluate every N steps (default: %(default)s)")
     p.add_argument("--log_every", type=int, default=10, help="log every N steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="init and data-order seed (default: %(default)s)")
+    p.add_argument("--vocab", choices=("data", "full"), default="full",
+                   help="the trainer's --vocab for every run (data: rows only for the ids the data uses; "
+                        "losses stay full-vocabulary ones, comparable across runs; default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         raise AnalysisError("training needs a budget: --max_steps or --tokens")
     train_kw = {} if args.runs else dict(
         ds_config=args.ds_config, max_steps=args.max_steps, tokens=args.tokens, seq_len=args.seq_len,
-        eval_every=args.eval_every, log_every=args.log_every, seed=args.seed)
+        eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, extra=("--vocab", args.vocab))
     paths = compare(args.out, models=args.models.split(",") if args.models else None,
                     runs=args.runs.split(",") if args.runs else None, data=args.data, **train_kw)
     print(f"plot: {paths['png']}\ntable: {paths['md']}\n\n{paths['md'].read_text()}")

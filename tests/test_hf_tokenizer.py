@@ -144,10 +144,12 @@ def test_generate_and_pipeline_round_trip(model, export_dir, hf_tok):
     assert new == generate(model, torch.tensor(encode(prompt)), 12, temperature=0)[:len(new)]
     assert len(new) == 12 or new[-1] in (199999, 200002)  # ran to the limit or stopped at an eos
     assert hf_tok.decode(out) == enc.decode(out)
+    # The pipeline starts the story after <|endoftext|> (config.json's prefix), as training and sample.py do.
+    after_eot = generate(model, torch.tensor([199999, *encode(prompt)]), 12, temperature=0)
     pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=hf_tok, device="cpu")
     text = pipe(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
-    assert text == prompt + hf_tok.decode(new, skip_special_tokens=True)
-    assert text == prompt + enc.decode([i for i in new if i < 199998])
+    assert text == prompt + hf_tok.decode(after_eot, skip_special_tokens=True)
+    assert text == prompt + enc.decode([i for i in after_eot if i < 199998])
 
 
 def test_gpt2_baseline_gets_the_same_tokenizer_with_its_own_eos(export_dir, tmp_path):
@@ -292,3 +294,25 @@ def test_cli_tokenizer_flag(model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--tokenizer {auto,yes,no}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "gpt2"])
+def test_pipeline_starts_a_story_after_endoftext_like_sample_py(model, export_dir, hf_tok, tmp_path, arch):
+    """config.json's prefix: the pipeline conditions on <|endoftext|> + prompt, as training and sample.py do,
+    so its greedy text equals launch/sample.py's (sample_text) on the same export."""
+    from gptoss.generate import sample_text
+    from gptoss.tokenizer import EOT_ID
+
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        export_dir = save_model(build_model(get_config("gpt2-tiny")).eval(), tmp_path / "gpt2")
+    assert json.loads((export_dir / "config.json").read_text())["prefix"] == "<|endoftext|>"
+    prompt = "Once upon a time, a little girl named Lily"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    pipe = transformers.pipeline("text-generation", model=hf_model, tokenizer=hf_tok, device="cpu")
+    text = pipe(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    ours = sample_text(export_dir, prompt, max_new_tokens=12, temperature=0.0, device="cpu", dtype="fp32",
+                       write=lambda s: None)
+    assert text == ours[0]
+    start = hf_model.generate(torch.tensor([[EOT_ID, *encode(prompt)]]), max_new_tokens=12, do_sample=False)
+    assert text == prompt + hf_tok.decode(start[0, len(encode(prompt)) + 1:], skip_special_tokens=True)

@@ -104,6 +104,7 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "train_seconds": total_s,
             "tokens_per_s": last.get("tokens", 0) / total_s if total_s else None,
             "params_total": p["total"] if p else None,
+            "params_total_exported": param_counts(run.config, vocab="exported")["total"] if p else None,
             "params_active": p["active"] if p else None,
             "params_active_non_embedding": p["non_embedding_active"] if p else None,
         })

@@ -51,11 +51,16 @@ def resolve_config(spec: str) -> ModelConfig:
 
 
 def architecture_numbers(cfg: ModelConfig, context: int, bytes_per_elem: int = 2) -> dict[str, Any]:
-    """The report's numbers for one model at one context length (KV bytes at `bytes_per_elem`, bf16 = 2)."""
+    """The report's numbers for one model at one context length (KV bytes at `bytes_per_elem`, bf16 = 2).
+    With a data vocabulary `params` and the FLOPs are what is trained (kept ids + tail row), the `_exported`
+    ones those of the 201,088-id model an export holds; without one they are equal."""
     p = param_counts(cfg)
     kv = kv_cache_bytes_per_token(cfg, context, bytes_per_elem)
     return {
+        "vocab_rows": cfg.trained_vocab_size,
         "params": p,
+        "params_exported": param_counts(cfg, vocab="exported"),
+        "flops_per_token_train_exported": flops_per_token(cfg, context, training=True, vocab="exported"),
         "kv_bytes_per_token": kv,
         "kv_bytes_at_context": {k: v * context for k, v in kv.items()},
         "flops_per_token_train": flops_per_token(cfg, context, training=True),
@@ -95,6 +100,11 @@ def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:
         add(f"KV cache for {ctx:,} tokens, {label}", _bytes, lambda x, k=key: x["kv_bytes_at_context"][k])
     add("FLOPs per token, training (fwd + bwd)", lambda v: f"{v / 1e9:,.3f} G", lambda x: x["flops_per_token_train"])
     add("FLOPs per token, inference (fwd)", lambda v: f"{v / 1e9:,.3f} G", lambda x: x["flops_per_token_infer"])
+    if any(x["params_exported"] != x["params"] for x in numbers.values()):  # a data vocabulary (--vocab data)
+        add("vocabulary rows trained", lambda v: f"{v:,}", lambda x: x["vocab_rows"])
+        add("parameters, total as exported (every id)", exact, lambda x: x["params_exported"]["total"])
+        add("FLOPs per token, training, every id's row", lambda v: f"{v / 1e9:,.3f} G",
+            lambda x: x["flops_per_token_train_exported"])
     header = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
     body = "\n".join(f"| {label} | " + " | ".join(vals) + " |" for label, vals in rows)
     note = (f"\n\nContext {ctx:,} tokens; KV cache at {bpe} bytes per element; the sliding-window column counts "

@@ -106,8 +106,15 @@ def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out
     tokenizer: "auto" adds the Hugging Face tokenizer files (`gptoss.hf_tokenizer.TOKENIZER_FILES`) when
     cfg has o200k_harmony's vocabulary and the `tokenizers` package is installed (a warning when only the
     package is missing), "yes" requires both (TokenizerExportError before anything is written), "no" never.
-    They are written inside the temporary directory, so a failed build leaves nothing either."""
+    They are written inside the temporary directory, so a failed build leaves nothing either.
+
+    A data-vocabulary model (`cfg.kept_ids`) is written as the standard full-vocabulary model it equals: each id
+    outside the kept set gets the tail row in the unembedding and the shared row in the embedding
+    (`gptoss.model.vocab.expand_state_dict`), and the configs have no kept_ids."""
+    from gptoss.model.vocab import expand_state_dict  # lazily: gptoss.model imports DeepSpeed
+
     out = Path(out)
+    trained_cfg, cfg = cfg, cfg.exported()
     _check_out(out, overwrite)
     writer_bytes = parse_size(max_shard_size)
     reason = hf_incompatibility(cfg)
@@ -119,6 +126,7 @@ def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out
         writer = ShardWriter(tmp, writer_bytes)
         stored = None
         for chunk in chunks:
+            chunk = expand_state_dict(chunk, trained_cfg)
             named = to_hf_state_dict(chunk, cfg) if reason is None else dict(chunk)
             if cfg.arch == "gpt2" and cfg.tie_word_embeddings:
                 named.pop("lm_head.weight", None)  # tied to (transformer.)wte.weight, as save_pretrained does

@@ -15,8 +15,8 @@ from torch import nn
 
 from gptoss.config import ModelConfig
 from gptoss.model.attention import Segments, per_story_attention
-from gptoss.model.gptoss import ModelOutput
-from gptoss.model.loss import chunked_cross_entropy
+from gptoss.model.gptoss import ModelOutput, head_logits, head_loss
+from gptoss.model.vocab import DataVocab
 
 
 class GPT2Attention(nn.Module):
@@ -64,11 +64,13 @@ class GPT2(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # With a data vocabulary the tied tail row is both the shared input row and the tail output row.
+        self.vocab = DataVocab(cfg) if cfg.kept_ids is not None else None
+        self.wte = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 
@@ -99,11 +101,11 @@ class GPT2(nn.Module):
                              f"({self.config.max_position_embeddings})")
         segments = Segments.from_tokens(input_ids, eot_id) if eot_id is not None else None
         positions = torch.arange(T, device=input_ids.device) if segments is None else segments.positions
-        x = self.wte(input_ids) + self.wpe(positions)
+        x = self.wte(input_ids if self.vocab is None else self.vocab.inputs(input_ids)) + self.wpe(positions)
         for block in self.h:
             x = block(x, segments)
         x = self.ln_f(x)
         zero = x.new_zeros((), dtype=torch.float32)
         if targets is None:
-            return ModelOutput(logits=self.lm_head(x), aux_loss=zero)
-        return ModelOutput(loss=chunked_cross_entropy(x, self.lm_head.weight, targets), aux_loss=zero)
+            return ModelOutput(logits=head_logits(self, x), aux_loss=zero)
+        return ModelOutput(loss=head_loss(self, x, targets), aux_loss=zero)

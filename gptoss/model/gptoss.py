@@ -25,6 +25,7 @@ from gptoss.model.attention import Attention, KVCache, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
 from gptoss.model.loss import chunked_cross_entropy
 from gptoss.model.moe import MoEFeedForward, init_experts
+from gptoss.model.vocab import DataVocab
 
 
 @dataclass
@@ -60,10 +61,11 @@ class GptOss(nn.Module):
     def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vocab = DataVocab(cfg) if cfg.kept_ids is not None else None  # ids take compact rows
+        self.embed_tokens = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -93,7 +95,9 @@ class GptOss(nn.Module):
                 caches: list[KVCache] | None = None, start_pos: int = 0, *, eot_id: int | None = None) -> ModelOutput:
         """Logits, or the loss of `targets`. With `eot_id` (story-aware attention, for training windows) a new
         story starts at each `eot_id` token: attention stays inside a story and rotary positions restart at
-        0 there, as when sampling after <|endoftext|>. Decoding with `caches` (one story per row) refuses it."""
+        0 there, as when sampling after <|endoftext|>. Decoding with `caches` (one story per row) refuses it.
+        Ids, targets and logits are full-vocabulary ones also with a data vocabulary (`gptoss.model.vocab`):
+        stories are found on the full ids, which then take their compact rows."""
         T = input_ids.shape[1]
         segments = None
         if eot_id is None:
@@ -105,7 +109,7 @@ class GptOss(nn.Module):
             segments = Segments.from_tokens(input_ids, eot_id)
             positions = segments.positions  # (B, T)
         cos, sin = self.rotary(positions)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids if self.vocab is None else self.vocab.inputs(input_ids))
         aux_losses, layer_counts = [], []
         for i, block in enumerate(self.layers):
             x, aux_loss, counts = block(x, cos, sin, positions, caches[i] if caches is not None else None,
@@ -116,6 +120,19 @@ class GptOss(nn.Module):
         aux = torch.stack(aux_losses).mean() * self.config.router_aux_loss_coef
         counts = torch.stack(layer_counts)  # (layers, E)
         if targets is None:
-            return ModelOutput(logits=self.lm_head(x), aux_loss=aux, expert_counts=counts)
-        loss = chunked_cross_entropy(x, self.lm_head.weight, targets)
-        return ModelOutput(loss=loss, aux_loss=aux, expert_counts=counts)
+            return ModelOutput(logits=head_logits(self, x), aux_loss=aux, expert_counts=counts)
+        return ModelOutput(loss=head_loss(self, x, targets), aux_loss=aux, expert_counts=counts)
+
+
+def head_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits of the final hidden states (the tail logit for ids outside a data vocabulary)."""
+    logits = model.lm_head(x)
+    return logits if model.vocab is None else model.vocab.expand_logits(logits)
+
+
+def head_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean full-vocabulary cross-entropy of full-id `targets`, without materialising all logits."""
+    if model.vocab is None:
+        return chunked_cross_entropy(x, model.lm_head.weight, targets)
+    return chunked_cross_entropy(x, model.lm_head.weight, model.vocab.targets(targets),
+                                 log_tail_size=model.vocab.log_tail_size)

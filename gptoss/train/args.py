@@ -10,6 +10,8 @@ from typing import Any
 
 from gptoss.errors import TrainError
 
+VOCAB_CHOICES = ("data", "full")
+
 
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
@@ -40,6 +42,10 @@ class TrainArgs:
                                         "(the only behaviour before story-aware training); default: each story "
                                         "attends to itself only and its positions restart at its <|endoftext|>, as "
                                         "when sampling", default=False)
+    vocab: str = _help("data: embedding and unembedding rows only for the ids the train split uses (plus "
+                       "<|endoftext|> and the harmony specials) and one shared tail row for every other id, exactly "
+                       "the full-vocabulary model whose unused rows are equal (exports hold all 201,088 ids); "
+                       "full: a row per id of the vocabulary", default="full")
     activation_checkpointing: bool = _help("recompute each transformer block's activations in the backward pass "
                                            "(torch.utils.checkpoint per block): less memory, about one more "
                                            "forward per step", default=False)
@@ -124,5 +130,7 @@ def check_args(a: TrainArgs) -> None:
         raise TrainError(f"--timeout_min={a.timeout_min}: must be > 0")
     from gptoss.model import ATTENTION_IMPLS
 
+    if a.vocab not in VOCAB_CHOICES:
+        raise TrainError(f"--vocab={a.vocab}: expected one of {', '.join(VOCAB_CHOICES)}")
     if a.attn_impl not in ATTENTION_IMPLS:
         raise TrainError(f"--attn_impl={a.attn_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")

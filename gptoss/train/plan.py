@@ -105,7 +105,9 @@ def _check_resume(plan: Plan) -> None:
     mine = rank_state_file(ckpt_dir / tag, plan.rank)
     if state.get("world_size") == plan.world_size and not mine.is_file():
         raise TrainError(f"--resume: {mine} not found; {ckpt_dir / tag} is incomplete (copied partially?)")
-    saved_cfg, cfg = state["model_config"], plan.cfg.to_dict()
+    # Checkpoints from before the data vocabulary have no kept_ids: they trained the full vocabulary.
+    saved_cfg, cfg = {"kept_ids": None, **state["model_config"]}, plan.cfg.to_dict()
+    _check_same_vocabulary(tag, saved_cfg.get("kept_ids"), cfg.get("kept_ids"))
     if saved_cfg != cfg:
         diff = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {cfg.get(k)!r}"
                          for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k))
@@ -125,6 +127,58 @@ def _check_resume(plan: Plan) -> None:
                  "with" if story_aware else "without", "with" if story_aware else "without")
         plan.eot_id = _eot_id(plan.train_data) if story_aware else None
     plan.resume_tag = tag
+
+
+def _check_same_vocabulary(tag: str, saved: list[int] | None, mine: list[int] | None) -> None:
+    """One line, not a diff of thousands of ids, when the kept set (--vocab data) differs from the checkpoint's."""
+    if saved == mine:
+        return
+    detail = ""
+    if saved is not None and mine is not None:
+        s, m = set(saved), set(mine)
+        detail = f" ({len(m - s)} ids new, {len(s - m)} no longer used)"
+    raise TrainError(f"--resume: checkpoint {tag} was trained with {_vocabulary(saved)}, this run has "
+                     f"{_vocabulary(mine)}{detail}; resume with the same --vocab and --data, or a new --out to "
+                     "start over")
+
+
+def _vocabulary(kept_ids: list[int] | None) -> str:
+    return "the full vocabulary" if kept_ids is None else f"a data vocabulary of {len(kept_ids)} kept ids"
+
+
+def with_data_vocabulary(cfg: ModelConfig, train_data: TokenDataset) -> ModelConfig:
+    """`cfg` with kept_ids = the ids the train split uses, <|endoftext|> and the harmony specials (token_counts.npz,
+    or a one-time scan of train.bin for a dir prepared before it); unchanged when that is every id."""
+    import dataclasses
+
+    from gptoss.data.layout import read_token_counts
+    from gptoss.model.vocab import kept_set
+
+    found = read_token_counts(train_data.data_dir, "train")
+    ids = found[0] if found is not None else _scan_ids(train_data)
+    eot = train_data.meta.get("eot_id")
+    kept = kept_set([*ids.tolist(), *([eot] if isinstance(eot, int) else [])], cfg.vocab_size)
+    if len(kept) >= cfg.vocab_size:
+        log.info("--vocab data: the train split uses every id of the vocabulary; training the full vocabulary")
+        return cfg
+    log.info("--vocab data: %d kept ids + 1 tail row for the other %d (of %d)", len(kept),
+             cfg.vocab_size - len(kept), cfg.vocab_size)
+    return dataclasses.replace(cfg, kept_ids=kept)
+
+
+def _scan_ids(data: TokenDataset) -> Any:
+    """The distinct ids of a split prepared before token_counts.npz existed (np.unique chunk by chunk)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    seen = np.zeros(max(data.vocab_size, 1), dtype=bool)
+    with tqdm(total=data.num_tokens, desc=f"--vocab data: ids in {data.path.name}", unit="tok",
+              disable=env_int("RANK", 0) != 0) as bar:
+        for start in range(0, data.num_tokens, 1 << 24):
+            chunk = np.asarray(data.tokens[start:start + (1 << 24)])
+            seen[np.unique(chunk)] = True
+            bar.update(len(chunk))
+    return np.flatnonzero(seen)
 
 
 def plan_run(args: TrainArgs) -> Plan:
@@ -152,6 +206,8 @@ def plan_run(args: TrainArgs) -> Plan:
     total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / tokens_per_step)
     set_schedule_length(ds, total)
     train_data, val_data = open_data(args, cfg)
+    if args.vocab == "data":
+        cfg = with_data_vocabulary(cfg, train_data)
     plan = Plan(args, ds, cfg, rank, world, ep_size, micro, accum, tbs, total, train_data, val_data, None,
                 eot_id=None if args.attend_across_stories else _eot_id(train_data))
     # The lock before the checkpoint checks: a second run must hear "in use", not a verdict on a moving target.

@@ -12,7 +12,8 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
                gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed
   train        the nano preset through the real trainer (launch/train.py, ds_configs/a40.json with a warmup that
                fits the few steps): time to first step, tokens/s, MFU, peak memory; again with
-               --activation_checkpointing, and with --compile once train.py has that flag (until then a TODO row)
+               --activation_checkpointing, and with --compile (tokens/s against the run without; inductor, or aot_eager
+               in a dry run)
   peer         the same model and batch as a transformers GptOssForCausalLM training step: tokens/s ratio
   export       the run exported, loaded by transformers, greedy tokens equal to our sampler's; one sampled story
 
@@ -505,6 +506,7 @@ def main() -> int:
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("GPTOSS_COMPILE_BACKEND", "aot_eager")  # --compile's run: inductor takes minutes on CPU
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():

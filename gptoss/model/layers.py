@@ -51,30 +51,24 @@ def yarn_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | No
 
 
 class RotaryEmbedding(nn.Module):
-    """Half-split (NeoX style) rotary embedding; the cos/sin table is cached and grown on demand."""
+    """Half-split (NeoX style) rotary embedding: cos/sin computed from the positions in each forward.
+
+    No table cached on the module and no `.item()` to size one: the forward has no host sync and no state, so
+    torch.compile traces it whole; the cost is one (positions x head_dim/2) cos and sin per forward (shared by
+    every layer), the same values as the table's rows (fp32 position times fp32 inverse frequency).
+    """
 
     def __init__(self, head_dim: int, theta: float, rope_scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         # A plain attribute, not a buffer: `module.to(bfloat16)` (DeepSpeed's bf16) must not round it.
         self.inv_freq, self.concentration = yarn_inv_freq(head_dim, theta, rope_scaling)
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
-
-    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
-            n = max(length, 256 if self._cos is None else 2 * self._cos.shape[0])
-            t = torch.arange(n, dtype=torch.float32, device=device)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float32))  # (n, d/2)
-            self._cos = freqs.cos() * self.concentration
-            self._sin = freqs.sin() * self.concentration
-        assert self._sin is not None
-        return self._cos, self._sin
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (fp32) of shape positions.shape + (head_dim/2,): positions (T,) shared by the batch, or
         (B, T) per row (story-aware attention restarts them at each story)."""
-        cos, sin = self._table(int(positions.max().item()) + 1, positions.device)
-        return cos[positions], sin[positions]
+        inv_freq = self.inv_freq.to(device=positions.device, dtype=torch.float32)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+        return freqs.cos() * self.concentration, freqs.sin() * self.concentration
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

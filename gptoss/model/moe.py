@@ -10,6 +10,18 @@ GPT-OSS semantics, so routing and dispatch are ours:
 
 With ep_size = 1 the same code runs without communication. Rank r of an expert-parallel group holds
 global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group layout).
+
+Running the local experts (`_run_local_experts`), three ways, all with the parameters one `Expert` per expert
+(the layout DeepSpeed's per-expert checkpoint files need):
+  grouped GEMM  CUDA sm_90+ (Hopper), bf16, torch with `torch._grouped_mm`: the experts' weights stacked in the
+                forward (one copy of the local experts' weights per call), segment offsets on the device: no
+                host sync, so torch.compile traces it whole;
+  masked dense  under torch.compile on a device without grouped GEMM when not in eager CUDA use (CPU): every
+                expert on every row, each row keeping its own expert's result (E_local times the expert FLOPs;
+                for tests and toy CPU runs);
+  per-expert    everywhere else (eager, and CUDA below sm_90 such as the A40's sm_86 even when compiled): a loop
+                over contiguous segments, whose split sizes need one host sync (`counts.tolist()`, a graph
+                break under torch.compile).
 """
 
 from __future__ import annotations
@@ -131,10 +143,10 @@ class MoEFeedForward(DeepSpeedMoE):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         logits, top_idx, weights = self.route(x)
-        counts = torch.bincount(top_idx.flatten(), minlength=self.num_experts)  # (E,)
+        flat_expert = top_idx.flatten()
+        counts = expert_counts(flat_expert, self.num_experts)  # (E,)
         aux_loss = load_balancing_loss(logits, counts)
 
-        flat_expert = top_idx.flatten()
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
         sorted_x = x[order // self.top_k]  # (N*k, H)
         if self.ep_size == 1:
@@ -147,6 +159,41 @@ class MoEFeedForward(DeepSpeedMoE):
 
     def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""
+        if use_grouped_mm(x):
+            return self._grouped_experts(x, counts)
+        if torch.compiler.is_compiling() and x.device.type != "cuda":
+            return self._masked_dense_experts(x, counts)
+        return self._looped_experts(x, counts)
+
+    def _expert_of_row(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(rows,) local expert index of each row, without a host sync (output size given)."""
+        ids = torch.arange(self.num_local_experts, device=x.device)
+        return torch.repeat_interleave(ids, counts, output_size=x.shape[0])
+
+    def _grouped_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All local experts in two grouped GEMMs (torch._grouped_mm), offsets on the device."""
+        experts = self.local_experts
+        e = experts[0]
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        row_expert = self._expert_of_row(x, counts)
+        w1 = torch.stack([m.gate_up_proj for m in experts]).to(x.dtype)  # (E_local, H, 2I)
+        b1 = torch.stack([m.gate_up_proj_bias for m in experts]).to(x.dtype)
+        w2 = torch.stack([m.down_proj for m in experts]).to(x.dtype)  # (E_local, I, H)
+        b2 = torch.stack([m.down_proj_bias for m in experts]).to(x.dtype)
+        h = torch._grouped_mm(x, w1, offs=offs) + b1[row_expert]
+        h = clamped_swiglu(h, e.alpha, e.limit)
+        return torch._grouped_mm(h, w2, offs=offs) + b2[row_expert]
+
+    def _masked_dense_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every local expert on every row, each row keeping its expert's result: no host sync, E_local x FLOPs."""
+        row_expert = self._expert_of_row(x, counts).unsqueeze(-1)
+        y = torch.zeros_like(x)
+        for i, expert in enumerate(self.local_experts):
+            y = torch.where(row_expert == i, expert(x), y)
+        return y
+
+    def _looped_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One expert per contiguous segment; the split sizes cost one host sync."""
         pieces = x.split(counts.tolist())
         # An idle expert still runs in training (DeepSpeed expects a gradient, zeros, for each parameter);
         # at inference its empty (0, H) input already is its output.
@@ -170,6 +217,18 @@ class MoEFeedForward(DeepSpeedMoE):
         y = self._run_local_experts(recv_x[by_expert], recv_counts.view(ep, E_local).sum(0))
         y = torch.empty_like(y).index_copy_(0, by_expert, y)  # back to (source, expert) order
         return _all_to_all(y, send_splits, recv_splits, self.ep_group)
+
+
+def use_grouped_mm(x: torch.Tensor) -> bool:
+    """Grouped GEMM for the experts: CUDA sm_90+ (Hopper; torch's kernel targets it), bf16, rows 16-byte aligned."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0) and x.shape[-1] % 8 == 0)
+
+
+def expert_counts(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert, sized by E (bincount's size depends on the data: a graph break)."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_expert.device)
+    return counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
 
 
 def load_balancing_loss(router_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,9 @@ class TrainArgs:
     activation_checkpointing: bool = _help("recompute each transformer block's activations in the backward pass "
                                            "(torch.utils.checkpoint per block): less memory, about one more "
                                            "forward per step", default=False)
+    compile: bool = _help("torch.compile each transformer block (inductor) before DeepSpeed starts; the loss head "
+                          "stays eager. Off by default everywhere until a GPU check shows it pays (bench/"
+                          "gpu_check.py measures tokens/s with and without it)", default=False)
     resume: bool = _help("continue from <out>/checkpoints/latest (same model, world size and batch layout)",
                          default=False)
     resume_from: str | None = _help("continue from this checkpoint tag of <out>/checkpoints (e.g. step00001000; "

@@ -10,6 +10,20 @@ import torch
 
 from gptoss.train.plan import Plan
 
+COMPILE_BACKEND_ENV = "GPTOSS_COMPILE_BACKEND"  # tests pick a cheaper backend (aot_eager) than inductor
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (`Module.compile`): parameter names, state dicts and
+    DeepSpeed's view of the model stay as they are. The loss head (chunked, checkpointed) stays eager."""
+    import os
+
+    from gptoss.model.checkpointing import transformer_blocks
+
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    for block in transformer_blocks(model):
+        block.compile(backend=backend)
+
 
 def build_engine(plan: Plan) -> Any:
     """Model from the seed, then DeepSpeed's engine with our parameter groups (no decay on norms etc.)."""
@@ -21,6 +35,8 @@ def build_engine(plan: Plan) -> Any:
     model = build_model(plan.cfg, ep_size=plan.ep_size)
     set_attention_impl(model, plan.args.attn_impl)
     set_activation_checkpointing(model, plan.args.activation_checkpointing)
+    if plan.args.compile:
+        compile_blocks(model)
     wd = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), config=plan.ds_config)
     sched = engine.lr_scheduler

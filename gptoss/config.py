@@ -184,6 +184,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
                  sliding_window=16, max_position_embeddings=256),
+    # The CPU comparison pair (BENCHMARKS 10): the largest GPT-OSS / GPT-2 pair with matched non-embedding active
+    # parameters (6.26M vs 6.32M) that trains one epoch of the shared TinyStories subset in under 30 minutes
+    # on 2 CPU cores. Sliding window 128 as in the released models.
+    "mini": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                 head_dim=32, num_local_experts=4, num_experts_per_tok=2, intermediate_size=400,
+                 max_position_embeddings=1024),
     # The released shapes.
     "gpt-oss-20b": dict(hidden_size=2880, num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
                         head_dim=64, num_local_experts=32, num_experts_per_tok=4, intermediate_size=2880,
@@ -195,6 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-nano": dict(arch="gpt2", num_key_value_heads=8, tie_word_embeddings=True),
     "gpt2-tiny": dict(arch="gpt2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True),
+    "gpt2-mini": dict(arch="gpt2", hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True),
 }
 
 

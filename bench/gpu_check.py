@@ -7,7 +7,9 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
   environment  GPU, torch, CUDA; DeepSpeed installed from gpu_kit/wheels (`pip install --no-index
                --find-links`) where it is missing
   parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, forward and backward (each
-               against fp32 eager, next to bf16 eager's own error); the chunked loss vs plain cross-entropy
+               against fp32 eager, next to bf16 eager's own error); the head loss: chunked, fused and (a liger_kernel
+               wheel in gpu_kit/wheels) liger vs plain cross-entropy, then their time and peak memory at nano's
+               vocabulary (bench/bench_loss.py)
   data         gpu_kit/data's TinyStories .txt (a copy of ../shared/data/tinystories) tokenized with
                gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed
   train        the nano preset through the real trainer (launch/train.py, ds_configs/a40.json with a warmup that
@@ -220,30 +222,44 @@ def attention_parity(ck: Check) -> None:
 
 
 def loss_parity(ck: Check) -> None:
+    """The head loss: each implementation in bf16 against all logits at once in fp32 (at nano's vocabulary and at a
+    data vocabulary with its tail), then forward + backward time and peak memory at nano's vocabulary."""
+    import bench_loss
     import torch
-    import torch.nn.functional as F
-
-    from gptoss.model.loss import chunked_cross_entropy
 
     n, hidden, vocab, chunk = ck.sizes.loss
-    g = torch.Generator().manual_seed(0)
-    base = [torch.randn(n, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.05]
-    targets = torch.randint(0, vocab, (n,), generator=g).to(ck.device)
+    liger_note = bench_loss.liger_status(ck.device, Path(ck.args.wheels), ck.work)
+    impls = ["plain", "chunked", "fused"] + ([] if liger_note else ["liger"])
+    ok, parts = True, []
+    for rows in (vocab, vocab // 23):  # 201,088: the full vocabulary; 8,743: a data vocabulary and its tail row
+        inputs = bench_loss.make_inputs(n, hidden, rows, ck.device)
+        err = bench_loss.parity(impls, torch.bfloat16, *inputs, chunk_tokens=chunk)
+        plain = err.pop("plain")
+        ok &= all(e[0] <= 2 * plain[0] + 1e-3 and e[1] <= 2 * plain[1] + 1e-3 for e in err.values())
+        parts.append(f"{rows:,} rows{' + tail' if inputs[3] else ''}: loss |Δ| / grads max |Δ|/max " + ", ".join(
+            f"{k} {e[0]:.1e} / {e[1]:.1e}" for k, e in err.items()) + f" (plain bf16 {plain[0]:.1e} / {plain[1]:.1e})")
+        del inputs
+        free_memory(ck)
+    h, w, t, _ = bench_loss.make_inputs(n, hidden, vocab, ck.device)
+    h, w = h.to(torch.bfloat16), w.to(torch.bfloat16)
+    cuda, timed = ck.device.type == "cuda", {}
+    for impl in impls[1:]:
+        timed[impl] = bench_loss.measure(impl, h, w, t, None, repeats=5 if cuda else 2, chunk_tokens=chunk)
+        free_memory(ck)
+    base = timed["chunked"]
 
-    def run(fn: Callable[..., Any], dtype: torch.dtype) -> tuple[Any, list[Any]]:
-        ts = [t.to(ck.device, dtype).requires_grad_(True) for t in base]
-        loss = fn(*ts)
-        return loss.detach().float(), [x.float() for x in torch.autograd.grad(loss, ts)]
+    def cell(impl: str) -> str:
+        r = timed[impl]
+        mem = f", {r['extra'] / 2**30:.2f} GiB peak" if cuda else ""
+        return f"{impl} {r['best'] * 1e3:.1f} ms ({base['best'] / r['best']:.2f}x){mem}"
 
-    plain = lambda h, w: F.cross_entropy(F.linear(h, w).float(), targets)  # noqa: E731
-    ref = run(plain, torch.float32)
-    got = _errors(run(lambda h, w: chunked_cross_entropy(h, w, targets, chunk_tokens=chunk), torch.bfloat16), ref)
-    bf16 = _errors(run(plain, torch.bfloat16), ref)
-    ok = got[0] <= 2 * bf16[0] + 1e-3 and got[1] <= 2 * bf16[1] + 1e-3
-    chunks = -(-n // (chunk or max(256, (1 << 28) // vocab)))
-    ck.add("chunked loss vs plain cross-entropy, bf16", "ok" if ok else "FAIL",
-           f"vs fp32: loss |Δ| {got[0]:.1e} (plain bf16: {bf16[0]:.1e}), grads max |Δ|/max {got[1]:.1e} "
-           f"({bf16[1]:.1e}); {n} tokens in {chunks} checkpointed chunks, vocab {vocab:,}")
+    fused = timed["fused"]
+    mem = f", {fused['extra'] / base['extra']:.2f}x its peak memory" if cuda else " (memory: n/a on CPU)"
+    result = f"{'ok' if ok else 'FAIL'}: fused {base['best'] / fused['best']:.2f}x chunked's speed{mem}"
+    ck.add("head loss (chunked, fused, liger) vs plain cross-entropy, bf16", result,
+           "; ".join(parts) + f"; pass: within 2x plain bf16's error + 1e-3. Forward + backward at {vocab:,} rows, "
+           f"{n} tokens, hidden {hidden}, bf16 (best of {5 if cuda else 2}): " + ", ".join(map(cell, timed))
+           + (f"; liger: {liger_note}" if liger_note else "") + " (--loss_impl auto is fused on CUDA)")
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -487,7 +503,7 @@ def story(ck: Check) -> None:
 
 
 STAGES: list[tuple[str, Callable[[Check], None], float]] = [
-    ("environment", environment, 0), ("attention parity", attention_parity, 20), ("chunked loss", loss_parity, 10),
+    ("environment", environment, 0), ("attention parity", attention_parity, 20), ("head loss", loss_parity, 40),
     ("data", prepare_data, 10), ("train", train_default, 60), ("train variants", train_variants, 60),
     ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
 ]

@@ -23,7 +23,7 @@ from torch import nn
 from gptoss.config import ModelConfig
 from gptoss.model.attention import Attention, KVCache, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
-from gptoss.model.loss import chunked_cross_entropy
+from gptoss.model.loss import head_cross_entropy
 from gptoss.model.moe import MoEFeedForward, init_experts
 from gptoss.model.vocab import DataVocab
 
@@ -130,9 +130,11 @@ def head_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits if model.vocab is None else model.vocab.expand_logits(logits)
 
 
-def head_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean full-vocabulary cross-entropy of full-id `targets`, without materialising all logits."""
+def head_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_impl: str | None = None) -> torch.Tensor:
+    """Mean full-vocabulary cross-entropy of full-id `targets`, without materialising all logits, by `loss_impl`
+    (default: the model's `loss_impl`, set by `gptoss.model.loss.set_loss_impl`, else auto)."""
+    impl = loss_impl or getattr(model, "loss_impl", "auto")
     if model.vocab is None:
-        return chunked_cross_entropy(x, model.lm_head.weight, targets)
-    return chunked_cross_entropy(x, model.lm_head.weight, model.vocab.targets(targets),
-                                 log_tail_size=model.vocab.log_tail_size)
+        return head_cross_entropy(x, model.lm_head.weight, targets, impl)
+    return head_cross_entropy(x, model.lm_head.weight, model.vocab.targets(targets), impl,
+                              log_tail_size=model.vocab.log_tail_size)

@@ -1,12 +1,67 @@
-"""Cross-entropy over a 201k vocabulary without materialising all fp32 logits at once."""
+"""Cross-entropy over a 201k vocabulary without materialising all fp32 logits at once, and the switch between
+its implementations: the checkpointed chunks here, the fused one (`gptoss.model.fused_loss`), liger-kernel's."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gptoss.errors import UserError
+
 IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "chunked", "fused", "liger")
+
+
+def default_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk: at most 2^28 logits (1 GiB of fp32), at least 256 tokens."""
+    return max(256, (1 << 28) // vocab)
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel is installed (found, not imported: importing it needs triton)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def check_loss_impl(impl: str, flag: str = "loss implementation") -> None:
+    """A clear UserError for an unknown name, or for liger without liger-kernel installed."""
+    if impl not in LOSS_IMPLS:
+        raise UserError(f"{flag}={impl}: expected one of {', '.join(LOSS_IMPLS)}")
+    if impl == "liger" and not liger_available():
+        raise UserError(f"{flag}=liger needs liger-kernel, which is not installed: pip install 'gptoss[gpu]' "
+                        "(an offline GPU machine: scripts/gpu_wheels.sh packs its wheel; install it with --no-deps)")
+
+
+def set_loss_impl(model: nn.Module, impl: str) -> None:
+    """Choose the head loss of a GPT-OSS or GPT-2 model: "auto" (fused on CUDA, chunked elsewhere), "chunked"
+    (checkpointed chunks, logits recomputed in backward), "fused" (gradients computed in the forward pass, pure
+    torch), "liger" (liger-kernel, CUDA only). All give the same loss and gradients up to rounding."""
+    check_loss_impl(impl)
+    model.loss_impl = impl
+
+
+def resolve_loss_impl(impl: str, device: torch.device) -> str:
+    """The implementation `impl` runs on `device`: auto is fused on CUDA, chunked (unchanged) elsewhere."""
+    if impl == "auto":
+        return "fused" if device.type == "cuda" else "chunked"
+    if impl not in LOSS_IMPLS:
+        check_loss_impl(impl)  # raises
+    return impl
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, impl: str = "auto",
+                       log_tail_size: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` by implementation `impl` (same value and gradients for all)."""
+    impl = resolve_loss_impl(impl, hidden.device)
+    if impl == "chunked":
+        return chunked_cross_entropy(hidden, weight, targets, chunk_tokens, log_tail_size)
+    from gptoss.model import fused_loss  # it imports this module
+
+    fn = fused_loss.fused_linear_cross_entropy if impl == "fused" else fused_loss.liger_linear_cross_entropy
+    return fn(hidden, weight, targets, chunk_tokens, log_tail_size)
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -36,7 +91,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if chunk_tokens is None:
-        chunk_tokens = max(256, (1 << 28) // weight.shape[0])
+        chunk_tokens = default_chunk_tokens(weight.shape[0])
     recompute = hidden.shape[0] > chunk_tokens and torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -1,6 +1,6 @@
-"""The DeepSpeed engine: the model built from the seed (attention kernel and activation checkpointing as the
-flags say), our parameter groups, `deepspeed.initialize` and the one fix-up of its LR schedule. The only place
-the trainer creates a model; fault-injection tests wrap `build_engine` to reach the engine's parameters."""
+"""The DeepSpeed engine: the model built from the seed (attention kernel, loss head and activation checkpointing
+as the flags say), our parameter groups, `deepspeed.initialize` and the one fix-up of its LR schedule. The only
+place the trainer creates a model; fault-injection tests wrap `build_engine` to reach the engine's parameters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ COMPILE_BACKEND_ENV = "GPTOSS_COMPILE_BACKEND"  # tests pick a cheaper backend (
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile each transformer block in place (`Module.compile`): parameter names, state dicts and
-    DeepSpeed's view of the model stay as they are. The loss head (chunked, checkpointed) stays eager."""
+    DeepSpeed's view of the model stay as they are. The loss head (--loss_impl) stays eager."""
     import os
 
     from gptoss.model.checkpointing import transformer_blocks
@@ -30,10 +30,12 @@ def build_engine(plan: Plan) -> Any:
     import deepspeed
 
     from gptoss.model import build_model, param_groups, set_activation_checkpointing, set_attention_impl
+    from gptoss.model.loss import set_loss_impl
 
     torch.manual_seed(plan.args.seed)
     model = build_model(plan.cfg, ep_size=plan.ep_size)
     set_attention_impl(model, plan.args.attn_impl)
+    set_loss_impl(model, plan.args.loss_impl)
     set_activation_checkpointing(model, plan.args.activation_checkpointing)
     if plan.args.compile:
         compile_blocks(model)

@@ -16,7 +16,7 @@ from torch import nn
 from gptoss.config import ModelConfig
 from gptoss.model.attention import Segments, per_story_attention
 from gptoss.model.gptoss import ModelOutput, head_logits, head_loss
-from gptoss.model.vocab import DataVocab
+from gptoss.model.vocab import DataVocab, init_tail_row
 
 
 class GPT2Attention(nn.Module):
@@ -89,6 +89,8 @@ class GPT2(nn.Module):
                     s = out_std if linear is module.c_proj else std
                     nn.init.normal_(linear.weight, 0.0, s, generator=generator)
                     nn.init.zeros_(linear.bias)
+        if self.vocab is not None:
+            init_tail_row(self.lm_head.weight)  # tied: the embedding's shared row too
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, eot_id: int | None = None,
                 **_: object) -> ModelOutput:

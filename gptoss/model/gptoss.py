@@ -25,7 +25,7 @@ from gptoss.model.attention import Attention, KVCache, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
 from gptoss.model.loss import head_cross_entropy
 from gptoss.model.moe import MoEFeedForward, init_experts
-from gptoss.model.vocab import DataVocab
+from gptoss.model.vocab import DataVocab, init_tail_row
 
 
 @dataclass
@@ -73,6 +73,8 @@ class GptOss(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         nn.init.normal_(self.embed_tokens.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
+        if self.vocab is not None:
+            init_tail_row(self.lm_head.weight)
         for block in self.layers:
             attn = block.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.router):

@@ -28,12 +28,16 @@ quickstart: setup
 		--max_steps 1500 --seq_len 128 --eval_every 250 --eval_batches 8 --vocab data
 	$(PY) launch/sample.py runs/quickstart --max_new_tokens 120
 
+# Two pytest workers (pytest-xdist), each test module on one worker so module-scoped runs happen once: most tests
+# are single-threaded subprocesses, so two of them share two cores well. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 test: setup-slurm
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # One GPU check in one call (bench/gpu_check.py, at most ~8 minutes on one GPU): one markdown table in
 # gpu_check.md. On a GPU machine without internet, carry gpu_kit/ (made by scripts/gpu_wheels.sh where pip reaches

@@ -23,16 +23,11 @@ from gptoss.train.ds_config import IGNORED_DS_KEYS
 # returns is described, both into the JSON file $ENGINE_REPORT.
 ENGINE_WRAPPER = """
 import json, os, sys
-import deepspeed.ops
 from deepspeed.ops.op_builder.builder import OpBuilder
 import gptoss.train.loop as t  # the loop looks build_engine up in its own module
 from gptoss.model import activation_checkpointing_enabled
 
 report = {"op_loads": []}
-if os.environ.get("NO_SHM_COMM"):
-    # DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op in init_distributed (CUDA has none):
-    # off here, so that only what the config asks for could build an op.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 load = OpBuilder.load
 def recording_load(self, *args, **kwargs):
     report["op_loads"].append(self.name)
@@ -81,12 +76,13 @@ def run_with_report(tmp_path: Path, flags: list[str], check: bool = True, **env:
 ])
 def test_shipped_gpu_configs_build_no_deepspeed_op(tiny_data, tmp_path, ds_name, extra, accum):
     """bf16 works on DeepSpeed's CPU accelerator, so the configs run as shipped: one real bf16 ZeRO-2 step with
-    their optimizer and precision settings, in a fresh TORCH_EXTENSIONS_DIR that must stay empty."""
+    their optimizer and precision settings, in a fresh TORCH_EXTENSIONS_DIR that must stay empty (nor does the
+    CPU accelerator's shared-memory all-reduce build: the trainer skips it, gptoss.train.distributed)."""
     ext = tmp_path / "torch_extensions"
     ext.mkdir()
     flags = train_flags(tiny_data, tmp_path / "run", "--eval_every", "0", "--save_every", "0", *extra, steps=1)
     flags[flags.index("--ds_config") + 1] = str(REPO / "ds_configs" / ds_name)
-    report, out = run_with_report(tmp_path, flags, TORCH_EXTENSIONS_DIR=str(ext), NO_SHM_COMM="1")
+    report, out = run_with_report(tmp_path, flags, TORCH_EXTENSIONS_DIR=str(ext))
     assert report["op_loads"] == [] and list(ext.iterdir()) == []
     assert report["basic_optimizer"] == "torch.optim.adamw.AdamW" and report["fused"] is True
     assert report["zero_optimizer"] == "DeepSpeedZeroOptimizer" and report["accum"] == accum
@@ -106,7 +102,7 @@ def test_the_probe_sees_an_op_load(tiny_data, tmp_path):
     ds.write_text(json.dumps(cfg))
     flags = train_flags(tiny_data, tmp_path / "run", "--eval_every", "0", "--save_every", "0", steps=1)
     flags[flags.index("--ds_config") + 1] = str(ds)
-    report, _ = run_with_report(tmp_path, flags, check=False, NO_SHM_COMM="1", REFUSE_OP_LOADS="1")
+    report, _ = run_with_report(tmp_path, flags, check=False, REFUSE_OP_LOADS="1")
     assert report["op_loads"] == ["fused_adam"]
 
 

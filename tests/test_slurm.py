@@ -29,7 +29,7 @@ from slurm_cluster import JobInfo, SlurmCluster, slurm_cluster_fixture
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-# The first DeepSpeed start on a machine JIT-builds a CPU op (~2 min, cached in ~/.cache afterwards).
+# Generous: a loaded 2-core runner starts two DeepSpeed ranks and a requeued job in well under this.
 JOB_TIMEOUT = 480
 TRAIN_ARGS = ["--model", "tiny", "--seq_len", "32", "--eval_every", "0"]
 

@@ -59,7 +59,21 @@ def init_distributed(timeout_min: float) -> None:
     import torch.distributed.distributed_c10d as c10d
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    if get_accelerator().device_name() == "cpu":
+        skip_shm_comm_build()
     deepspeed.init_distributed(timeout=timeout, verbose=False)
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce (about 2 minutes with a
+    C++ compiler on a machine's first start, and a failure without one). Only `inference_all_reduce` uses it,
+    and that falls back to torch.distributed without it; training's collectives are torch.distributed (gloo)
+    either way, so nothing changes but the start-up."""
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm re-exports torch as `torch`
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = lambda: None
 
 
 def is_comm_failure(e: BaseException) -> bool:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from gptoss.config import get_config
 from gptoss.model import build_model, param_groups
+from gptoss.train.distributed import skip_shm_comm_build
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 24, 256
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
 
+    skip_shm_comm_build()  # as the trainer does: no DeepSpeed op compiles on CPU
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = get_config("tiny", vocab_size=VOCAB, router_aux_loss_coef=0.01)
@@ -48,7 +50,10 @@ def main() -> None:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": args.zero},
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}},
+        # torch_adam: torch.optim.AdamW, as ds_configs/cpu.json; DeepSpeed's CPU FusedAdam would JIT-compile an op
+        # (a minute and a half on 2 cores, again whenever the checkout's path changes).
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                  "torch_adam": True}},
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1), config=ds_config)

@@ -32,40 +32,27 @@ import common  # noqa: E402  (bench/ is not a package)
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, work: Path) -> list[dict]:
-    import transformers
-
     cfg = get_config(name, vocab_size=args.vocab)
     torch.manual_seed(0)
     path = save_model(build_model(cfg), work / name)
     ours = load_model(path, device, "fp32")
-    hf = transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                        attn_implementation="eager").to(device).eval()
+    hf = common.hf_causal_lm(path, device)
     prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len),
                             generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
-
-    def run_hf() -> list[list[int]]:
-        with torch.no_grad():
-            out = hf.generate(prompts.to(device), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)
-        return out[:, args.prompt_len:].tolist()
-
     runs = {
         "ours, KV cache": lambda: generate_batch(ours, prompts, n, temperature=0),
         "ours, recompute (no cache)": lambda: generate_batch(ours, prompts, n, temperature=0, use_cache=False),
-        "transformers generate": run_hf,
+        "transformers generate": lambda: common.hf_greedy(hf, prompts, n),
     }
     if args.skip_recompute:
         del runs["ours, recompute (no cache)"]
-    reference = run_hf()
+    reference = common.hf_greedy(hf, prompts, n)
+    timed = common.time_decoders(runs, args.repeats, args.max_load, args.wait_s)
     p = param_counts(cfg)
-    results = []
-    for label, fn in runs.items():
-        common.wait_until_quiet(args.max_load, args.wait_s)
-        timing = common.time_fn(fn, args.repeats)
-        results.append({"model": name, "impl": label, "timing": timing, "same": fn() == reference,
-                        "params": f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"})
-    return results
+    params = f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"
+    return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params}
+            for label, (timing, ids) in timed.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

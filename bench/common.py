@@ -1,5 +1,5 @@
 """Shared helpers of the bench scripts: machine description, quiet-machine wait, timing, peak memory,
-fresh-process workers and markdown tables.
+fresh-process workers, greedy decoding in transformers and markdown tables.
 
 Why these choices:
 - Peak memory of a CPU run is the process's peak resident set (VmHWM). torch's allocator has no CPU
@@ -171,6 +171,43 @@ def interleaved_best(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
             fn()
             seconds[name].append(time.perf_counter() - t0)
     return {name: Timing(s) for name, s in seconds.items()}
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+def hf_causal_lm(path: str | Path, device: Any) -> Any:
+    """An export dir loaded as transformers' GptOssForCausalLM in fp32, eager attention (its sdpa path has
+    no attention sinks), eval mode, with no eos ids: the export's generation_config stops at <|endoftext|>,
+    and `min_new_tokens` would instead suppress it, unlike our sampler without stop ids (see `hf_greedy`)."""
+    import torch
+    import transformers
+
+    model = transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None
+    return model.to(device).eval()
+
+
+def hf_greedy(hf: Any, prompts: Any, new_tokens: int) -> list[list[int]]:
+    """transformers `generate`, greedy, exactly `new_tokens` new ids per row (a model from `hf_causal_lm`
+    has no eos id to stop at)."""
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(prompts.to(hf.device), attention_mask=torch.ones_like(prompts).to(hf.device),
+                          max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[:, prompts.shape[1]:].tolist()
+
+
+def time_decoders(runs: dict[str, Callable[[], list[list[int]]]], repeats: int, max_load: float,
+                  wait_s: float) -> dict[str, tuple[Timing, list[list[int]]]]:
+    """Time each decoder after a wait for a quiet machine: one warm-up call, whose ids are returned (greedy
+    decoding gives the same ids every call) for the caller to compare, then `repeats` timed calls."""
+    results = {}
+    for label, fn in runs.items():
+        wait_until_quiet(max_load, wait_s)
+        ids = fn()
+        results[label] = (time_fn(fn, repeats, warmup=0), ids)
+    return results
 
 
 # ---- workers ---------------------------------------------------------------------------------------

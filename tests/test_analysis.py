@@ -380,6 +380,13 @@ def test_compare_trains_both_models_with_the_trainer(tmp_path, tiny_data):
     assert runs[0].records[-1]["tokens"] == runs[1].records[-1]["tokens"]  # same budget
     assert all(len(r.val_curve()[0]) == 2 for r in runs)
     assert np.isfinite([r.val_curve()[2][-1] for r in runs]).all()
+    first_log = (tmp_path / "cmp" / "model" / "train.log").read_text()
+    with pytest.raises(AnalysisError, match="training model failed .* already holds checkpoints"):
+        compare(tmp_path / "cmp", models=[str(tiny_data / "model.json")], data=tiny_data,
+                ds_config=str(REPO / "ds_configs" / "cpu.json"), max_steps=6, seq_len=32, eval_every=3,
+                log_every=1, log=lambda _: None)
+    again = (tmp_path / "cmp" / "model" / "train.log").read_text()
+    assert again.startswith(first_log) and "already holds checkpoints" in again[len(first_log):]  # nothing lost
 
 
 def test_analyze_commands_on_a_trained_run(tmp_path, tiny_data):

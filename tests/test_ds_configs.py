@@ -116,7 +116,7 @@ def test_ignored_keys_are_keys_deepspeed_reads():
 
 @pytest.mark.parametrize("key, value, says", [
     ("activation_checkpointing", {"partition_activations": True}, "use train.py --activation_checkpointing"),
-    ("compile", {"deepcompile": True}, "only engine.compile() reads it, and train.py never calls that"),
+    ("compile", {"deepcompile": True}, "train.py never calls that; use train.py --compile"),
     ("pipeline", {"activation_checkpoint_interval": 1}, "only DeepSpeed's PipelineEngine reads it"),
     ("dataloader_drop_last", True, "only DeepSpeed's own data loader reads it"),
     ("data_efficiency", {"enabled": True}, "gptoss uses neither"),
@@ -136,15 +136,6 @@ def test_every_ignored_key_is_named_in_one_line(capsys, monkeypatch, tiny_data, 
                      {"pipeline": {}, "compile": {}, "activation_checkpointing": {}})
     assert [part.split("'")[1] for part in line.split("DeepSpeed key ")[1:]] == [
         "activation_checkpointing", "compile", "pipeline"]
-
-
-def test_compile_refusal_names_the_flag_only_once_it_exists(capsys, monkeypatch, tiny_data, tmp_path):
-    from gptoss.train import TrainArgs
-
-    line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", {"compile": {}})
-    has_flag = "compile" in TrainArgs.__dataclass_fields__
-    assert ("use train.py --compile" in line) == has_flag
-    assert ("train.py does not compile the model yet" in line) != has_flag
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)

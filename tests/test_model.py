@@ -391,3 +391,17 @@ def test_param_groups_no_decay_on_norms_biases_sinks_embeddings():
 def test_unknown_attention_impl_is_refused():
     with pytest.raises(ValueError, match="expected one of auto, flex, cpu, eager"):
         set_attention_impl(build_model(get_config("tiny", **TINY)), "fast")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_head_is_initialised_like_its_matrices(tied):
+    """GPT-2's scheme: normal(0, 0.02); an untied lm_head gets it too (torch's default would be uniform, std
+    1/sqrt(3 * hidden): 0.072 at hidden 64)."""
+    torch.manual_seed(0)
+    cfg = get_config("gpt2-nano", vocab_size=2048, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     num_key_value_heads=4, head_dim=16, tie_word_embeddings=tied)
+    model = build_model(cfg)
+    head = model.lm_head.weight
+    assert (head is model.wte.weight) == tied
+    assert head.std().item() == pytest.approx(cfg.initializer_range, rel=0.02)
+    assert head.mean().abs().item() < 1e-3

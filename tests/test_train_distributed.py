@@ -78,6 +78,13 @@ def test_zero1_and_expert_parallel_match_one_rank(one_rank, tiny_data, tmp_path,
     assert_same_trajectory(one_rank, m, 1e-5)
 
 
+def test_expert_parallel_with_activation_checkpointing_matches_one_rank(one_rank, tiny_data, tmp_path):
+    """Each recomputed block repeats its MoE all-to-all in the backward pass; both ranks recompute the blocks in
+    the same order, so the collectives pair up and the trajectory is one rank's without checkpointing."""
+    m = train(tiny_data, tmp_path / "run", 2, "--ep_size", "2", "--activation_checkpointing")
+    assert_same_trajectory(one_rank, m, 1e-5)
+
+
 def test_two_rank_resume_is_bit_for_bit(two_ranks_zero2, tiny_data, tmp_path):
     """Pretend the 2-rank run died after step 3; resumed on 2 ranks, steps 4-6 equal the uninterrupted ones."""
     out = tmp_path / "resumed"

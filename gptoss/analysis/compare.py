@@ -57,7 +57,7 @@ def _train_env() -> dict[str, str]:
 
 def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
                log: Callable[[str], Any] = print, **train_kw: Any) -> list[Path]:
-    """Train each model in turn into out_dir/<name>; the trainer's output goes to <name>/train.log."""
+    """Train each model in turn into out_dir/<name>; the trainer's output is appended to <name>/train.log."""
     if not TRAIN_SCRIPT.is_file():
         raise AnalysisError(f"{TRAIN_SCRIPT}: the trainer is missing")
     names = [run_name(m) for m in models]
@@ -71,13 +71,15 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_command(model, data, run_dir, **train_kw)
         log(f"training {name}: {' '.join(cmd[1:])}")
-        with (run_dir / "train.log").open("w") as f:
+        log_path = run_dir / "train.log"
+        start = log_path.stat().st_size if log_path.is_file() else 0
+        with log_path.open("a") as f:  # appended: a refused start (say, the dir holds a run) keeps the old log
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=_train_env())
         if proc.returncode != 0:
-            lines = (run_dir / "train.log").read_text().strip().splitlines() or ["no output"]
+            lines = log_path.read_bytes()[start:].decode(errors="replace").strip().splitlines() or ["no output"]
             errors = [line for line in lines if "error" in line.lower()]
             raise AnalysisError(f"training {name} failed (exit {proc.returncode}): {(errors or lines)[-1][:300]} "
-                                f"(full log: {run_dir / 'train.log'})")
+                                f"(full log: {log_path})")
         run_dirs.append(run_dir)
     return run_dirs
 

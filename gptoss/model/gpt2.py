@@ -75,7 +75,8 @@ class GPT2(nn.Module):
             self.lm_head.weight = self.wte.weight
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2's scheme: normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers), biases 0."""
+        """GPT-2's scheme: normal(0, 0.02) (an untied head too), residual projections 0.02 / sqrt(2 * layers),
+        biases 0."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for module in self.modules():
@@ -89,6 +90,8 @@ class GPT2(nn.Module):
                     s = out_std if linear is module.c_proj else std
                     nn.init.normal_(linear.weight, 0.0, s, generator=generator)
                     nn.init.zeros_(linear.bias)
+        if not self.config.tie_word_embeddings:  # an untied head is a matrix like the others, not torch's default
+            nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
         if self.vocab is not None:
             init_tail_row(self.lm_head.weight)  # tied: the embedding's shared row too
 

@@ -73,18 +73,8 @@ def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     ignored = sorted(set(ds) & set(IGNORED_DS_KEYS))
     if ignored:
         raise TrainError(f"--ds_config {path}: " + "; ".join(
-            f"DeepSpeed key '{k}' does not work with train.py: {_ignored_reason(k)}" for k in ignored))
+            f"DeepSpeed key '{k}' does not work with train.py: {IGNORED_DS_KEYS[k]}" for k in ignored))
     return ds, ours
-
-
-def _ignored_reason(key: str) -> str:
-    """Why `key` is refused and what to use instead; names --compile only once train.py has that flag."""
-    from gptoss.train.args import TrainArgs
-
-    reason = IGNORED_DS_KEYS[key]
-    if key == "compile" and "compile" not in TrainArgs.__dataclass_fields__:
-        reason = reason.replace("use train.py --compile", "train.py does not compile the model yet")
-    return reason
 
 
 def _closest(key: str, known: set[str] | frozenset[str]) -> str | None:

@@ -1,0 +1,203 @@
+"""gpu_check's training stages: the TinyStories subset tokenized without `datasets`, nano through the real trainer
+(with and without --compile and --activation_checkpointing), and transformers' training step on the same batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+from gpu_check_harness import REPO, SHARED_STORIES, Check, free_memory, need, sync
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+def read_stories(path: Path) -> list[str]:
+    """TinyStories .txt: stories between lines holding exactly <|endoftext|>."""
+    parts = re.split(r"^<\|endoftext\|>[ \t]*$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    return [s.strip() for s in parts if s.strip()]
+
+
+def prepare_data(ck: Check) -> None:
+    """train.bin, val.bin and meta.json in the format gptoss.data reads, tokenized with tiktoken only."""
+    import numpy as np
+
+    from gptoss.data import DTYPE, FORMAT_VERSION, META_NAME
+    from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, encode_documents
+
+    src = next((Path(d) for d in (ck.args.data, SHARED_STORIES) if (Path(d) / "train.txt").is_file()), None)
+    if src is None:
+        raise FileNotFoundError(f"no train.txt in {ck.args.data} or {SHARED_STORIES} (scripts/gpu_wheels.sh copies "
+                                "it into gpu_kit/data)")
+    t0, out, splits = time.perf_counter(), ck.work / "data", {}
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train.txt"), ("val", "valid.txt")):
+        stories = read_stories(src / name)
+        if ck.sizes.stories:
+            stories = stories[:ck.sizes.stories if split == "train" else max(2, ck.sizes.stories // 3)]
+        ids = np.asarray(encode_documents(stories), dtype=DTYPE)
+        ids.tofile(out / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "tokens": int(ids.size), "documents": len(stories),
+                         "bytes": sum(len(s.encode()) for s in stories), "max_token_id": int(ids.max()),
+                         "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+    meta = {"format_version": FORMAT_VERSION, "tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,
+            "dtype": "uint32", "source": str(src), "splits": splits}
+    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    ck.found["data"] = out
+    tr, va = splits["train"], splits["val"]
+    ck.add("data", f"{tr['tokens']:,} train / {va['tokens']:,} val tokens",
+           f"{tr['documents']:,} + {va['documents']:,} stories from {src}, tokenized by gptoss.tokenizer "
+           f"(tiktoken, no `datasets`) in {time.perf_counter() - t0:.1f} s")
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+
+def ds_config(ck: Check) -> Path:
+    """ds_configs/a40.json with a warmup that fits the check's few steps (its 200 would keep the LR near 0 and
+    the loss where it started), and in a dry run a toy batch; everything else as shipped."""
+    cfg = json.loads((REPO / "ds_configs" / "a40.json").read_text())
+    cfg["scheduler"]["params"]["warmup_num_steps"] = warmup_steps(ck)
+    if ck.sizes.batch is not None:
+        cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = ck.sizes.batch
+    path = ck.work / "a40-check.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def warmup_steps(ck: Check) -> int:
+    return max(1, ck.sizes.steps // 5)
+
+
+def train(ck: Check, name: str, *flags: str) -> dict[str, Any]:
+    """launch/train.py in a subprocess; time to its first metrics record, then the records' numbers."""
+    s, out = ck.sizes, ck.work / f"run-{name}"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config(ck)), "--model", s.model,
+           "--data", str(need(ck, "data", "data")), "--out", str(out), "--max_steps", str(s.steps), "--seq_len",
+           str(s.seq_len), "--log_every", "1", "--eval_every", str(s.steps), "--eval_batches", "4",
+           "--save_every", "0", *flags]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    log = ck.work / f"train-{name}.log"
+    limit = max(30.0, ck.left() - 30)
+    t0, first = time.monotonic(), None
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        while proc.poll() is None:
+            if first is None and (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                first = time.monotonic() - t0
+            if time.monotonic() - t0 > limit:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"train.py {' '.join(flags)} still running after {limit:.0f} s (log: {log})")
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()] or ["no output"]
+        print("\n".join(lines[-40:]), file=sys.stderr)  # the work dir may not outlive the check
+        raise RuntimeError(f"train.py {' '.join(flags)} exited {proc.returncode}: {lines[-1][:250]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm = min(2, len(records) - 1)  # step 1 compiles; the median skips the first steps
+    steady = [r for r in records if r["step"] > warm]
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    mems = [r["mem_gpu_gib"] for r in records if r.get("mem_gpu_gib") is not None]
+    return {"out": out, "first_s": first if first is not None else time.monotonic() - t0,
+            "step1_s": records[0]["elapsed_s"], "tps": statistics.median(r["tokens_per_s"] for r in steady),
+            "mfu": statistics.median(mfus) if mfus else None, "mem": max(mems) if mems else None,
+            "rss": max(r["mem_rss_gib"] for r in records), "loss": (records[0]["loss"], records[-1]["loss"]),
+            "val": records[-1].get("val_loss"), "warm": warm, "steps": len(records)}
+
+
+def _mem(r: dict[str, Any]) -> str:
+    return f"{r['mem']:.1f} GiB" if r["mem"] is not None else f"n/a on CPU (host RSS {r['rss']:.2f} GiB)"
+
+
+def train_default(ck: Check) -> None:
+    from gptoss.train.metrics import peak_flops
+
+    r = train(ck, "default")
+    ck.found["run"], ck.found["tps"], ck.found["mem"] = r["out"], r["tps"], r["mem"]
+    what = f"{ck.sizes.model}, a40.json"
+    peak = peak_flops()
+    ck.add(f"{what}: time to first step", f"{r['first_s']:.1f} s",
+           f"launch to the first metrics record: imports, DeepSpeed init, model, step 1 ({r['step1_s']:.1f} s of "
+           "it, compilation included)")
+    ck.add(f"{what}: tokens/s", f"{r['tps']:,.0f}",
+           f"median of steps {r['warm'] + 1}-{r['steps']}, seq {ck.sizes.seq_len}; loss {r['loss'][0]:.3f} -> "
+           f"{r['loss'][1]:.3f}, val {r['val']:.3f} (a40.json, warmup_num_steps {warmup_steps(ck)} instead of 200)")
+    ck.add(f"{what}: MFU", f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a",
+           f"dense bf16 peak {peak / 1e12:.1f} TFLOP/s (gptoss.train.metrics.PEAK_FLOPS)" if peak else
+           "no peak known for this device (exact names in gptoss.train.metrics.PEAK_FLOPS)")
+    ck.add(f"{what}: peak memory", _mem(r), "torch.cuda.max_memory_allocated over the run's records")
+
+
+def train_variants(ck: Check) -> None:
+    r = train(ck, "compile", "--compile")
+    ck.add("--compile: tokens/s", f"{r['tps']:,.0f} ({r['tps'] / need(ck, 'tps', 'train'):.2f}x eager)",
+           f"time to first step {r['first_s']:.1f} s; peak memory {_mem(r)}")
+    r = train(ck, "ckpt", "--activation_checkpointing")
+    mem = f" ({r['mem'] / ck.found['mem']:.2f}x)" if r["mem"] and ck.found.get("mem") else ""
+    ck.add("--activation_checkpointing: tokens/s, peak memory",
+           f"{r['tps']:,.0f} ({r['tps'] / need(ck, 'tps', 'train'):.2f}x without); {_mem(r)}{mem}",
+           f"same run otherwise; loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}")
+
+
+# ---- transformers' training step ---------------------------------------------------------------------------
+
+def _peer_timing(ck: Check, cfg: Any, attn: str, batches: list[Any]) -> tuple[common.Timing, float | None]:
+    """transformers' model with our seed-0 weights in bf16, torch AdamW: step timings and peak GiB (GPU)."""
+    import torch
+    from bench_train_step import build_side
+
+    model = build_side("hf", cfg, attn).to(ck.device, torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    cuda = ck.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        for x in batches:
+            model(x, labels=x).loss.backward()  # cross-entropy + router aux loss (output_router_logits)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(ck)
+
+    timing = common.time_fn(step, ck.sizes.peer[2], warmup=1)
+    return timing, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def peer_step(ck: Check) -> None:
+    import numpy as np
+
+    from gptoss.config import get_config
+    from gptoss.data import TokenDataset
+
+    micro, accum, timed = ck.sizes.peer
+    cfg = get_config(ck.sizes.model)
+    data = TokenDataset(need(ck, "data", "data"), "train", seq_len=ck.sizes.seq_len)
+    starts = np.random.default_rng(0).integers(0, len(data), (accum, micro))
+    batches = [data.batch(s)[0].to(ck.device) for s in starts]
+    errors = []
+    for attn in ("flex_attention", "eager") if ck.device.type == "cuda" else ("eager",):
+        try:
+            timing, mem = _peer_timing(ck, cfg, attn, batches)
+            break
+        except Exception as e:  # flex_attention may not compile here: eager next
+            errors.append(f"{attn}: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+        finally:
+            free_memory(ck)
+    else:
+        raise RuntimeError("; ".join(errors))
+    tps = micro * accum * ck.sizes.seq_len / timing.median
+    ours = ck.found.get("tps")
+    mem_note = f"; peak {mem:.1f} GiB (ours {ck.found['mem']:.1f})" if mem is not None and ck.found.get("mem") else ""
+    ck.add("transformers GptOssForCausalLM step, same model and batch",
+           f"{tps:,.0f} tokens/s" + (f"; ours {ours / tps:.2f}x" if ours else ""),
+           f"attn_implementation={attn}, bf16 weights + torch AdamW (no fp32 master copy, no DeepSpeed: cheaper "
+           f"than ours), {accum} x {micro} x {ck.sizes.seq_len} tokens per step, median of {timed}{mem_note}"
+           + (f"; failed first: {errors[0]}" if errors else ""))

@@ -141,15 +141,24 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     return torch.matmul(probs.to(v.dtype), v)
 
 
-@functools.lru_cache(maxsize=16)
 def _band_mask(n_blocks: int, window: int, device: torch.device) -> torch.Tensor:
-    """(n_blocks, W, 2W) bool: query r of block n may see key c of [block n-1, block n]."""
+    """(n_blocks, W, 2W) bool: query r of block n may see key c of [block n-1, block n]. Cached in eager mode;
+    under torch.compile built in the graph (dynamo would trace through the cache anyway, with a warning)."""
+    if torch.compiler.is_compiling():
+        return _build_band_mask(n_blocks, window, device)
+    return _cached_band_mask(n_blocks, window, device)
+
+
+def _build_band_mask(n_blocks: int, window: int, device: torch.device) -> torch.Tensor:
     r = torch.arange(window, device=device)[:, None]
     c = torch.arange(2 * window, device=device)[None, :]
     band = (c > r) & (c <= r + window)  # 0 <= i - j < W with i = nW + r, j = (n-1)W + c
     mask = band.expand(n_blocks, window, 2 * window).clone()
     mask[0, :, :window] = False  # block 0 has no previous block (left padding)
     return mask
+
+
+_cached_band_mask = functools.lru_cache(maxsize=16)(_build_band_mask)
 
 
 def banded_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,

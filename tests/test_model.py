@@ -405,3 +405,15 @@ def test_gpt2_head_is_initialised_like_its_matrices(tied):
     assert (head is model.wte.weight) == tied
     assert head.std().item() == pytest.approx(cfg.initializer_range, rel=0.02)
     assert head.mean().abs().item() < 1e-3
+
+
+@pytest.mark.parametrize("ours, baseline", [("tiny", "gpt2-tiny"), ("mini", "gpt2-mini"),
+                                            ("mini-320", "gpt2-mini-320")])
+def test_comparison_pairs_match_in_active_non_embedding_parameters(ours, baseline):
+    """BENCHMARKS 9 and 10 compare these pairs at equal compute in the blocks: same depth and width, non-embedding
+    active parameters within 25% (tiny) and 1% (the mini pairs, which carry the comparison's claim)."""
+    a, b = get_config(ours), get_config(baseline)
+    assert (a.arch, b.arch) == ("gpt_oss", "gpt2")
+    assert (a.num_hidden_layers, a.hidden_size) == (b.num_hidden_layers, b.hidden_size)
+    pa, pb = param_counts(a)["non_embedding_active"], param_counts(b)["non_embedding_active"]
+    assert pa / pb == pytest.approx(1.0, rel=0.25 if ours == "tiny" else 0.01), (pa, pb)

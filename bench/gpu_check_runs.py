@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -19,17 +18,12 @@ from gpu_check_harness import REPO, SHARED_STORIES, Check, free_memory, need, sy
 
 # ---- data --------------------------------------------------------------------------------------------------
 
-def read_stories(path: Path) -> list[str]:
-    """TinyStories .txt: stories between lines holding exactly <|endoftext|>."""
-    parts = re.split(r"^<\|endoftext\|>[ \t]*$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
-    return [s.strip() for s in parts if s.strip()]
-
-
 def prepare_data(ck: Check) -> None:
     """train.bin, val.bin and meta.json in the format gptoss.data reads, tokenized with tiktoken only."""
     import numpy as np
 
     from gptoss.data import DTYPE, FORMAT_VERSION, META_NAME
+    from gptoss.data.sources import read_txt_stories
     from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, encode_documents
 
     src = next((Path(d) for d in (ck.args.data, SHARED_STORIES) if (Path(d) / "train.txt").is_file()), None)
@@ -39,7 +33,7 @@ def prepare_data(ck: Check) -> None:
     t0, out, splits = time.perf_counter(), ck.work / "data", {}
     out.mkdir(parents=True, exist_ok=True)
     for split, name in (("train", "train.txt"), ("val", "valid.txt")):
-        stories = read_stories(src / name)
+        stories = list(read_txt_stories(src / name))
         if ck.sizes.stories:
             stories = stories[:ck.sizes.stories if split == "train" else max(2, ck.sizes.stories // 3)]
         ids = np.asarray(encode_documents(stories), dtype=DTYPE)

@@ -95,24 +95,31 @@ def _split_files(files: list[Path]) -> dict[str, list[Path]]:
     return {k: v for k, v in split.items() if v}
 
 
+def read_txt_stories(path: str | Path) -> Iterator[str]:
+    """Stream the non-empty stories of a .txt (or .txt.gz) between `<|endoftext|>` lines, stripped; needs no
+    `datasets` (bench/gpu_check.py reads its TinyStories copy with it)."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines: list[str] = []
+        for line in itertools.chain(f, [DOC_SEPARATOR]):  # a final separator closes the last story
+            if line.strip() != DOC_SEPARATOR:
+                lines.append(line)
+                continue
+            doc, lines = "".join(lines).strip(), []
+            if doc:
+                yield doc
+
+
 def _txt_documents(files: list[tuple[str, int, int]], text_column: str) -> Iterator[dict[str, str]]:
-    """Stream the non-empty stories between `<|endoftext|>` lines, stripped.
+    """`read_txt_stories` of each file as `datasets` rows.
 
     Size and mtime ride along in `files` only so that datasets' cache key changes when a file does.
     """
-    import gzip
-
     for name, _size, _mtime in files:
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(name, "rt", encoding="utf-8") as f:
-            lines: list[str] = []
-            for line in itertools.chain(f, [DOC_SEPARATOR]):  # a final separator closes the last story
-                if line.strip() != DOC_SEPARATOR:
-                    lines.append(line)
-                    continue
-                doc, lines = "".join(lines).strip(), []
-                if doc:
-                    yield {text_column: doc}
+        for doc in read_txt_stories(name):
+            yield {text_column: doc}
 
 
 def load_files(files: dict[str, list[Path]], text_column: str) -> dict[str, Any]:

@@ -19,6 +19,11 @@ has_gpu() { { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 
 reachable() { timeout 10 "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
   "$1" >/dev/null 2>&1; }
 CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# DeepSpeed's setup.py probes every op of the accelerator it detects; on a machine whose torch sees a GPU but
+# that has no CUDA toolkit (nvcc, CUDA_HOME) the CUDA probes raise MissingCUDAException and the install fails.
+# gptoss's training path loads no DeepSpeed op, so install with the CPU op table and no op built: the package is
+# the same pure-Python one, and at run time DeepSpeed still detects the GPU (DS_ACCELERATOR is not kept).
+DEEPSPEED_INSTALL_ENV=(DS_ACCELERATOR=cpu DS_BUILD_OPS=0)
 pipq() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$stamp" ]]; then
@@ -27,7 +32,8 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     "$PYTHON" -m venv "$VENV"
     pipq --upgrade pip setuptools wheel
   fi
-  if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  # An installed torch is kept when it meets gptoss's floor (gptoss/__init__.py checks it on import).
+  if "$VENV/bin/python" -c "import sys, torch; sys.path.insert(0, '.'); import gptoss" 2>/dev/null; then
     log "keeping torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
   else
     # Without a GPU take the CPU wheels (PyPI's default torch carries multi-GB CUDA libraries) from PyTorch's
@@ -47,8 +53,9 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     fi
   fi
   if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
-    log "installing deepspeed (no build isolation)"
-    pipq --no-build-isolation deepspeed
+    log "installing deepspeed (no build isolation, no ops built: no CUDA toolkit needed)"
+    env "${DEEPSPEED_INSTALL_ENV[@]}" "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      --no-build-isolation deepspeed
   fi
   log "installing gptoss (editable) with test extras"
   pipq --no-build-isolation -e ".[test]"

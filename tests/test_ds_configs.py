@@ -124,6 +124,7 @@ def test_ignored_keys_are_keys_deepspeed_reads():
     ("hybrid_engine", {"enabled": False}, "sample with launch/sample.py"),
     ("autotuning", {"enabled": False}, "the engine exits the process after the profiling steps"),
     ("vocabulary_size", 512, "the vocabulary is the model config's (--model)"),
+    ("use_data_before_expert_parallelism", True, "holds the experts of rank % ep_size"),
 ])
 def test_ignored_deepspeed_keys_are_refused_with_what_to_use(capsys, monkeypatch, tiny_data, tmp_path, key, value,
                                                              says):

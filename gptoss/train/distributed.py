@@ -37,6 +37,29 @@ def adopt_slurm_env() -> None:
                       LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
 
 
+# A collective that fails or times out on NCCL: by default torch's watchdog thread aborts the whole process
+# (SIGABRT, exit 134, a C++ dump) before Python hears of it. With 2 ("clean up only") the watchdog aborts the
+# communicators instead, the next collective raises a DistBackendError, and the trainer ends like a lost rank on
+# gloo: one line naming the checkpoint to resume, exit 4.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The GPU this rank uses among the `visible` ones. The deepspeed launcher, torchrun and srun without GPU
+    binding show every GPU of the node (use LOCAL_RANK); srun with per-task binding (`--gpus-per-task=1`,
+    `--gpu-bind=single:1`) shows each task its own one GPU, where LOCAL_RANK may be 1..7 (use 0)."""
+    if visible < 1:
+        raise TrainError("no CUDA device visible to this rank (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!s}); check the job's GPU request")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise TrainError(f"LOCAL_RANK={local_rank} but this rank sees only {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per visible GPU, or "
+                         "bind one GPU per task (srun --gpus-per-task=1)")
+    return local_rank
+
+
 def init_distributed(timeout_min: float) -> None:
     """Join (or, run as a plain `python` process, create) the process group, with a collective timeout.
 
@@ -51,7 +74,9 @@ def init_distributed(timeout_min: float) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("LOCAL_RANK", "0")
     if get_accelerator().device_name() == "cuda":
-        get_accelerator().set_device(env_int("LOCAL_RANK", 0))
+        get_accelerator().set_device(cuda_device(env_int("LOCAL_RANK", 0), get_accelerator().device_count()))
+        for key, value in NCCL_ENV.items():
+            os.environ.setdefault(key, value)  # before the process group exists; a user's own setting wins
     timeout = timedelta(minutes=timeout_min)
     # DeepSpeed builds its data/expert-parallel groups with new_group(ranks), which takes torch's 30-minute
     # default instead of the world group's timeout; ZeRO's gradient reduction and the MoE all-to-all run on

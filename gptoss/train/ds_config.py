@@ -53,6 +53,10 @@ IGNORED_DS_KEYS: dict[str, str] = {
     "autotuning": "the engine exits the process after the profiling steps (it is meant for `deepspeed "
                   "--autotuning`, whose configs set gradient_accumulation_steps, refused here); tune "
                   "train_micro_batch_size_per_gpu by hand",
+    "use_data_before_expert_parallelism": "it builds the expert-parallel groups across data-parallel ranks "
+                                          "([0, 2], [1, 3] on 4 ranks with ep_size 2) while gptoss's MoE layer "
+                                          "holds the experts of rank % ep_size (DeepSpeed's default groups); "
+                                          "remove the key",
     "vocabulary_size": "DeepSpeed only warns when it is not a multiple of 8; the vocabulary is the model "
                        "config's (--model)",
 }

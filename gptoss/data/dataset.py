@@ -40,21 +40,26 @@ class TokenDataset:
         splits = self.meta.get("splits", {})
         if split not in splits:
             raise DataError(f"{meta_path} has no split '{split}'; splits: {list(splits)}")
-        info = self.meta["splits"][split]
-        self.path = self.data_dir / info["file"]
-        self.vocab_size = int(self.meta["vocab_size"])
+        try:
+            info = splits[split]
+            self.path = self.data_dir / info["file"]
+            self.vocab_size, self.eot_id = int(self.meta["vocab_size"]), int(self.meta["eot_id"])
+            self.num_tokens, top, self.sha256 = int(info["tokens"]), int(info["max_token_id"]), str(info["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{meta_path}: split '{split}' or the vocabulary malformed ({type(e).__name__}: {e}); "
+                            "re-run prepare_data.py --force") from e
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise DataError(
                 f"{self.data_dir} was tokenized with vocab_size {self.vocab_size} "
                 f"({self.meta.get('tokenizer')}), but the model's vocab_size is {vocab_size}"
             )
-        top = info.get("max_token_id")  # absent in data prepared before it was recorded
-        if top is not None and int(top) >= self.vocab_size:
+        if top >= self.vocab_size:
             raise DataError(
                 f"{meta_path}: split '{split}' holds token ids up to {top} (max_token_id), outside the vocabulary "
                 f"of {self.vocab_size}: tokenized with another tokenizer or corrupted; re-run prepare_data.py --force"
             )
-        self.num_tokens = int(info["tokens"])
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise DataError(f"{meta_path}: eot_id {self.eot_id} is not an id of the vocabulary ({self.vocab_size})")
         expected = self.num_tokens * DTYPE.itemsize
         if not self.path.is_file():
             raise DataError(f"{self.path} not found (listed in {META_NAME})")
@@ -139,10 +144,7 @@ class TokenDataset:
 
     def verify_checksum(self) -> str:
         """sha256 of the file against meta.json (reads the whole file: optional, not done on open)."""
-        expected = self.meta["splits"][self.split].get("sha256")
-        if not expected:
-            raise DataError(f"{self.data_dir / META_NAME} records no sha256 for split '{self.split}', so "
-                            f"{self.path} cannot be verified; re-run prepare_data.py --force to record it")
+        expected = self.sha256
         sha = hashlib.sha256()
         for chunk in self._chunks():
             sha.update(memoryview(np.ascontiguousarray(chunk)))

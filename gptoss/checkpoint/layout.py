@@ -37,7 +37,6 @@ TRAIN_STATE_KEYS = ("format_version", "step", "model_config", "world_size", "ep_
                     "seq_len", "story_aware", "parent", "manifest")
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-EXPERT_FILE_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 

@@ -34,12 +34,10 @@ import torch
 
 from gptoss.checkpoint.layout import (
     CHECKPOINTS_DIR,
-    EXPERT_FILE_GLOB,
     LATEST,
     MODEL_STATES,
     OPTIM_FILE,
     expert_file,
-    missing_expert_message,
     read_latest,
 )
 from gptoss.checkpoint.manifest import check_checkpoint
@@ -142,15 +140,15 @@ def check_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     if missing:
         k = missing[0]
         raise CheckpointError(f"{where}: missing key {k} (expected shape {list(expected[k])} from {source})"
-                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unexpected:
         k = unexpected[0]
         raise CheckpointError(f"{where}: unexpected key {k} (shape {list(found[k].shape)}) not in the model of "
-                          f"{source}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+                              f"{source}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     for k, t in found.items():
         if t.shape != expected[k]:
             raise CheckpointError(f"{where}: {k} has shape {list(t.shape)}, but {source} expects "
-                              f"{list(expected[k])}: the config does not match the weights")
+                                  f"{list(expected[k])}: the config does not match the weights")
 
 
 def _check_expert_counts(ckpt: Checkpoint) -> None:
@@ -158,7 +156,7 @@ def _check_expert_counts(ckpt: Checkpoint) -> None:
     want = [cfg.num_local_experts] * cfg.num_hidden_layers if cfg.is_moe else []
     if found is not None and list(found) != want:
         raise CheckpointError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
-                          f"{ckpt.config_source} expects {want}: the config does not match the weights")
+                              f"{ckpt.config_source} expects {want}: the config does not match the weights")
 
 
 def _split(expected: dict[str, torch.Size]) -> tuple[dict[str, torch.Size], dict[int, dict[str, torch.Size]]]:
@@ -180,13 +178,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
     cfg = ckpt.config
     _check_expert_counts(ckpt)
     dense_shapes, layer_shapes = _split(expected_shapes(cfg))
-    layers = sorted(layer_shapes)
-    for moe_layer, layer in enumerate(layers):  # all present? (before reading gigabytes)
-        for e in range(cfg.num_local_experts):
-            f = expert_file(ckpt.tag_dir, moe_layer, e)
-            if not f.is_file():
-                n = len(list(ckpt.tag_dir.glob(EXPERT_FILE_GLOB)))
-                raise CheckpointError(missing_expert_message(f, layer, e, n, len(layers) * cfg.num_local_experts))
+    layers = sorted(layer_shapes)  # every file is there: the manifest was checked when the tag was opened
     dense = _checked_dense(ckpt, dense_shapes)
     _tick(progress)
     yield dense
@@ -251,14 +243,14 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
     files = _optim_files(tag_dir)
     if not files:
         raise CheckpointError(f"{tag_dir}: --fp32 needs the ZeRO-1/2 optimizer states "
-                          "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt); this checkpoint has none")
+                              "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt); this checkpoint has none")
     world = max(files) + 1
     missing = sorted(set(range(world)) - set(files))
     expected_world = ckpt.states.get("dp_world_size", world)
     if missing or len(files) != expected_world:
         absent = missing or list(range(len(files), expected_world))
         raise CheckpointError(f"{tag_dir}: optimizer state files of rank(s) {absent} missing "
-                          f"(dp_world_size {expected_world}, found {len(files)})")
+                              f"(dp_world_size {expected_world}, found {len(files)})")
     E_total = cfg.num_local_experts
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for r in range(world):
@@ -285,12 +277,12 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
     for name, pieces in parts.items():
         if name not in expected:
             raise CheckpointError(f"{tag_dir}: optimizer states hold {name!r}, which the model of "
-                              f"{ckpt.config_source} does not have: the config does not match the weights")
+                                  f"{ckpt.config_source} does not have: the config does not match the weights")
         pieces.sort(key=lambda op: op[0])
         flat = torch.cat([p for _, p in pieces])
         if flat.numel() != expected[name].numel():
             raise CheckpointError(f"{tag_dir}: optimizer partitions of {name} hold {flat.numel()} values, but "
-                              f"{ckpt.config_source} expects shape {list(expected[name])}")
+                                  f"{ckpt.config_source} expects shape {list(expected[name])}")
         out[name] = flat.view(expected[name])
     if cfg.tie_word_embeddings:  # one parameter, one optimizer entry: its other name is not listed
         for a, b in (("lm_head.weight", "wte.weight"), ("lm_head.weight", "embed_tokens.weight")):
@@ -299,7 +291,7 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
     absent = sorted(set(expected) - set(out))
     if absent:
         raise CheckpointError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
-                          "not found in the optimizer states (frozen parameters are not supported)")
+                              "not found in the optimizer states (frozen parameters are not supported)")
     return out
 
 

@@ -363,8 +363,7 @@ def test_one_epoch_of_windows_covers_every_token_once(prepared: Path) -> None:
 
 
 def test_whole_split_batches_cover_every_target_once_and_even_out_the_ranks(prepared: Path) -> None:
-    from gptoss.data import whole_split_batches
-    from gptoss.model.loss import IGNORE_INDEX
+    from gptoss.data import IGNORE_INDEX, whole_split_batches
 
     ds = TokenDataset(prepared, "val", seq_len=8)
     ids = np.fromfile(prepared / "val.bin", dtype=np.uint32).astype(np.int64)

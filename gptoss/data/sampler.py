@@ -20,6 +20,8 @@ from gptoss.data.layout import DataError
 
 log = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100  # a target that counts in no loss (torch's cross_entropy default); the model's loss reads it
+
 
 class BatchSampler:
     """Windows whose starts are a pure function of (seed, step): no hidden RNG state, so step `s` always draws
@@ -96,8 +98,6 @@ def whole_split_batches(dataset: TokenDataset, batch_size: int, *, rank: int = 0
     last window, and whole batches that only even out the ranks, repeat window 0 with every target set to
     IGNORE_INDEX, so they count in no loss.
     """
-    from gptoss.model.loss import IGNORE_INDEX
-
     n = (dataset.num_tokens - 1) // dataset.seq_len
     n_batches = -(-n // batch_size)
     n_batches = -(-n_batches // world_size) * world_size

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import logging
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -242,22 +241,18 @@ def test_windows_shift_by_one(prepared: Path) -> None:
     ds = TokenDataset(prepared, "train", seq_len=16, vocab_size=201088)
     ids = np.fromfile(prepared / "train.bin", dtype=np.uint32).astype(np.int64)
     assert isinstance(ds.tokens, np.memmap) and len(ds) == len(ids) - 16
-    for start in (0, 7, len(ds) - 1):
-        x, y = ds.window(start)
-        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (16,)
-        assert x.tolist() == ids[start : start + 16].tolist() and y.tolist() == ids[start + 1 : start + 17].tolist()
-    with pytest.raises(IndexError):
-        ds.window(len(ds))
+    x, y = ds.batch(np.array([0, 7, len(ds) - 1]))
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (3, 16)
+    for row, start in enumerate((0, 7, len(ds) - 1)):
+        assert x[row].tolist() == ids[start:start + 16].tolist()
+        assert y[row].tolist() == ids[start + 1:start + 17].tolist()
     sampler = BatchSampler(ds, 4, seed=0)
     starts = sampler.starts(0)
     x, y = sampler.next_batch()
-    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64 and sampler.step == 1
-    for row, start in enumerate(starts):
-        assert torch.equal(x[row], ds.window(int(start))[0]) and torch.equal(y[row], ds.window(int(start))[1])
+    assert x.shape == y.shape == (4, 16) and sampler.step == 1
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ds.batch(starts)))
     assert ds.check_token_range() == EOT
     assert ds.verify_checksum() == json.loads((prepared / "meta.json").read_text())["splits"]["train"]["sha256"]
-    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers re-open the memmap
-    assert torch.equal(clone.window(3)[0], ds.window(3)[0])
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step(prepared: Path) -> None:
@@ -291,7 +286,8 @@ def test_eval_batches_are_fixed_and_evenly_spaced(prepared: Path) -> None:
     ds = TokenDataset(prepared, "val", seq_len=8)
     first, second = list(eval_batches(ds, 2, 3)), list(eval_batches(ds, 2, 3))
     assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    assert torch.equal(first[0][0][0], ds.window(0)[0]) and torch.equal(first[-1][1][-1], ds.window(len(ds) - 1)[1])
+    edges = ds.batch(np.array([0, len(ds) - 1]))
+    assert torch.equal(first[0][0][0], edges[0][0]) and torch.equal(first[-1][1][-1], edges[1][1])
     sharded = [b for r in range(2) for b in eval_batches(ds, 2, 3, rank=r, world_size=2)]
     assert sorted(b[0].sum().item() for b in sharded) == sorted(b[0].sum().item() for b in first)
 

@@ -11,7 +11,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -75,31 +74,12 @@ class TokenDataset:
                 f"{self.path}: split '{split}' has {self.num_tokens} tokens, fewer than one window of seq_len+1 = "
                 f"{self.seq_len + 1}; use a smaller seq_len or more data"
             )
-        self._open()
-
-    def _open(self) -> None:
         self.tokens = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.num_tokens,))
         self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the file instead of copying it
-        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "_offsets")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open()
 
     def __len__(self) -> int:
         """Number of valid window starts."""
         return self.num_tokens - self.seq_len
-
-    def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [seq_len] each, from one slice of seq_len + 1 tokens."""
-        if not 0 <= start < len(self):
-            raise IndexError(f"window start {start} outside [0, {len(self)}) of split '{self.split}'")
-        chunk = self.tokens[start:start + self.seq_len + 1]
-        self._check_ids(chunk[None], np.array([start]))
-        chunk = torch.from_numpy(chunk.astype(np.int64))
-        return chunk[:-1], chunk[1:]
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [B, seq_len], gathered in one fancy-indexing read of the memmap."""
@@ -133,13 +113,12 @@ class TokenDataset:
         for i in range(0, self.num_tokens, _CHUNK_TOKENS):
             yield self.tokens[i:i + _CHUNK_TOKENS]
 
-    def check_token_range(self, vocab_size: int | None = None) -> int:
-        """Scan the split; returns the largest id, raises if any id is >= vocab_size (default: meta's)."""
-        limit = self.vocab_size if vocab_size is None else vocab_size
+    def check_token_range(self) -> int:
+        """Scan the split; returns the largest id, raises if any id lies outside the vocabulary."""
         top = max(int(chunk.max()) for chunk in self._chunks())
-        if top >= limit:
-            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {limit}: tokenized with "
-                            "another tokenizer or corrupted; re-run prepare_data.py --force")
+        if top >= self.vocab_size:
+            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {self.vocab_size}: "
+                            "tokenized with another tokenizer or corrupted; re-run prepare_data.py --force")
         return top
 
     def verify_checksum(self) -> str:

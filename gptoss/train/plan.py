@@ -112,7 +112,7 @@ def open_data(args: TrainArgs, cfg: ModelConfig) -> tuple[TokenDataset, TokenDat
             if ds is not None:
                 t0 = time.perf_counter()
                 ds.verify_checksum()
-                ds.check_token_range(cfg.vocab_size)
+                ds.check_token_range()
                 log.info("verified %s: sha256 matches meta.json, ids < %d (%.1fs)", ds.path, cfg.vocab_size,
                          time.perf_counter() - t0)
     return train_data, val_data

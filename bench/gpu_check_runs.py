@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -19,10 +18,10 @@ from gpu_check_harness import REPO, SHARED_STORIES, Check, free_memory, need, sy
 # ---- data --------------------------------------------------------------------------------------------------
 
 def prepare_data(ck: Check) -> None:
-    """train.bin, val.bin and meta.json in the format gptoss.data reads, tokenized with tiktoken only."""
+    """train.bin, val.bin and meta.json by gptoss.data's own writer, tokenized with tiktoken only."""
     import numpy as np
 
-    from gptoss.data import DTYPE, FORMAT_VERSION, META_NAME
+    from gptoss.data import DTYPE, write_prepared
     from gptoss.data.sources import read_txt_stories
     from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, encode_documents
 
@@ -30,20 +29,15 @@ def prepare_data(ck: Check) -> None:
     if src is None:
         raise FileNotFoundError(f"no train.txt in {ck.args.data} or {SHARED_STORIES} (scripts/gpu_wheels.sh copies "
                                 "it into gpu_kit/data)")
-    t0, out, splits = time.perf_counter(), ck.work / "data", {}
-    out.mkdir(parents=True, exist_ok=True)
+    t0, out, arrays, utf8 = time.perf_counter(), ck.work / "data", {}, {}
     for split, name in (("train", "train.txt"), ("val", "valid.txt")):
         stories = list(read_txt_stories(src / name))
         if ck.sizes.stories:
             stories = stories[:ck.sizes.stories if split == "train" else max(2, ck.sizes.stories // 3)]
-        ids = np.asarray(encode_documents(stories), dtype=DTYPE)
-        ids.tofile(out / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", "tokens": int(ids.size), "documents": len(stories),
-                         "bytes": sum(len(s.encode()) for s in stories), "max_token_id": int(ids.max()),
-                         "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
-    meta = {"format_version": FORMAT_VERSION, "tokenizer": ENCODING_NAME, "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID,
-            "dtype": "uint32", "source": str(src), "splits": splits}
-    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        arrays[split] = np.asarray(encode_documents(stories), dtype=DTYPE)
+        utf8[split] = sum(len(s.encode()) for s in stories)
+    splits = write_prepared(out, arrays, tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, eot_id=EOT_ID,
+                            source=str(src), utf8_bytes=utf8)["splits"]
     ck.found["data"] = out
     tr, va = splits["train"], splits["val"]
     ck.add("data", f"{tr['tokens']:,} train / {va['tokens']:,} val tokens",

@@ -17,12 +17,16 @@ class UserError(ValueError):
     """Bad input the user can fix: reported as one line, never a traceback."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint on disk that cannot be used as asked (`gptoss.checkpoint`): names the file, expected and found."""
+
+
 class TrainError(UserError):
-    """A user error found before or while training (flags, config, checkpoint); printed as one line."""
+    """A flag or run layout the trainer refuses (`gptoss.train`); printed as one line."""
 
 
 class ExportError(UserError):
-    """A checkpoint or export that cannot be read as asked; the message names the file or key and what was expected."""
+    """An export that cannot be written or read as asked (`gptoss.export`); names the file or key and the fix."""
 
 
 def exit_on_user_error(script: str) -> Callable[[Callable[..., int]], Callable[..., int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from gptoss.config import get_config
+from gptoss.data import write_prepared
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VOCAB = 512
@@ -71,12 +71,8 @@ def write_learnable_data(out: Path, vocab: int, sizes: dict[str, int]) -> None:
         for i in range(1, n):
             follow = rng.random() < 0.8
             tokens[i] = (tokens[i - 1] * 5 + 3) % vocab if follow else rng.integers(vocab)
-        tokens.tofile(out / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": 1,
-                         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "max_token_id": int(tokens.max())}
-    meta = {"format_version": 1, "tokenizer": "synthetic", "vocab_size": vocab, "eot_id": 0,
-            "dtype": "uint32", "splits": splits}
-    (out / "meta.json").write_text(json.dumps(meta))
+        splits[split] = tokens
+    write_prepared(out, splits, tokenizer="synthetic", vocab_size=vocab, eot_id=0, source="conftest")
 
 
 @pytest.fixture(scope="session")

@@ -6,14 +6,12 @@
                --resume refuses in one line naming the file, expected and found, and the newest older tag that
                verifies; --resume_from that tag then continues bit for bit
     export     the same refusals from export and from the in-memory reader that sampling uses
-    legacy     a checkpoint saved before manifests resumes and exports with a one-line notice
     lock       a second training process on a running run's --out exits 2 at once, naming the holder
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -23,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    CPU_CONFIG,
     REPO,
     TRAIN,
     call_main,
@@ -39,12 +36,10 @@ from conftest import (
 
 from gptoss.checkpoint.lock import acquire_run_lock
 from gptoss.checkpoint.manifest import verify
-from gptoss.errors import ExportError
+from gptoss.errors import CheckpointError
 from gptoss.export import export, load_state_dict
-from gptoss.train import TrainArgs, plan_run
 
 EXPORT = REPO / "launch" / "export.py"
-V1 = REPO / "tests" / "fixtures" / "checkpoint_v1"
 LATEST, OLDER = "step00000008", "step00000006"  # train_flags' 8 steps save at 3, 6 and 8 and keep the last 2
 
 
@@ -123,7 +118,7 @@ def test_every_save_lists_every_file_with_size_and_crc32(run):
         for name, entry in files.items():
             data = (tag_dir / name).read_bytes()
             assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}", "rank": 0}, name
-        assert verify(tag_dir, full=True).verified
+        assert verify(tag_dir, full=True) is None
 
 
 # ---- resume ------------------------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def resume_from_older_is_bit_for_bit(run: Path, damaged: Path, tiny_data: Path) 
     ckpt = damaged / "checkpoints"
     assert (ckpt / "latest").read_text() == LATEST
     assert sorted(p.name for p in ckpt.glob("step*")) == [OLDER, LATEST]
-    assert all(verify(ckpt / tag, full=True).verified for tag in (OLDER, LATEST))
+    assert all(verify(ckpt / tag, full=True) is None for tag in (OLDER, LATEST))
 
 
 def test_truncated_file_is_refused_by_the_cli_then_resume_from_continues(run, damaged, tiny_data):
@@ -159,7 +154,7 @@ def test_damaged_latest_is_refused_then_resume_from_continues(capsys, monkeypatc
     tag_dir = damaged / "checkpoints" / LATEST
     f, what = DAMAGE[fault](tag_dir)
     if fault == "flipped":  # same size: only the checksums see it
-        assert verify(tag_dir).verified and not verify(tag_dir, full=True).verified
+        assert verify(tag_dir) is None and verify(tag_dir, full=True) is not None
     line = call_main(capsys, monkeypatch, tiny_data, damaged, resume=True, verify_checkpoint=fault == "flipped")
     assert f"--resume: checkpoint {LATEST} fails verification: {what}" in line, line
     assert line.endswith(f"; the newest older checkpoint that verifies is {OLDER}: resume from it with "
@@ -188,10 +183,10 @@ def export_refusal(what: str) -> str:
 def test_export_and_sampling_refuse_a_damaged_checkpoint(run, damaged, tmp_path):
     ckpt = damaged / "checkpoints"
     f, what = truncate_expert(ckpt / LATEST)
-    with pytest.raises(ExportError) as e:
+    with pytest.raises(CheckpointError) as e:
         export(damaged, tmp_path / "out", progress=False)
     assert str(e.value) == export_refusal(what)
-    with pytest.raises(ExportError, match="fails verification"):
+    with pytest.raises(CheckpointError, match="fails verification"):
         load_state_dict(damaged)  # what launch/sample.py reads a run dir with
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
     proc = launch(EXPORT, str(damaged), "--out", str(tmp_path / "cli"), "--quiet", timeout=300)
@@ -201,37 +196,12 @@ def test_export_and_sampling_refuse_a_damaged_checkpoint(run, damaged, tmp_path)
     shutil.copy2(run / "checkpoints" / LATEST / f.name, f)  # repaired; a flipped byte instead
     f, what = flip_optimizer_byte(ckpt / LATEST)
     export(damaged, tmp_path / "sizes_only", progress=False)  # the module weights are whole
-    with pytest.raises(ExportError) as e:  # the fp32 master weights would be read from that very file
+    with pytest.raises(CheckpointError) as e:  # the fp32 master weights would be read from that very file
         export(damaged, tmp_path / "full", master_weights=True, progress=False, verify_checkpoint=True)
     assert str(e.value) == export_refusal(what)
     proc = launch(EXPORT, str(damaged), "--out", str(tmp_path / "cli2"), "--quiet", "--verify_checkpoint",
                   timeout=300)
     assert one_error_line(proc, "export.py") == f"export.py: error: {export_refusal(what)}"
-
-
-# ---- checkpoints saved before manifests ----------------------------------------------------------------------
-
-def test_checkpoint_without_manifest_loads_with_a_notice(caplog, monkeypatch, tmp_path):
-    """tests/fixtures/checkpoint_v1 predates manifests: it still plans a resume and loads, with one notice each
-    (test_checkpoint_compat.py resumes and exports it in full)."""
-    old = Path(shutil.copytree(V1, tmp_path / "v1"))
-    tag_dir = old / "run" / "checkpoints" / "step00000002"
-    with caplog.at_level(logging.WARNING, logger="gptoss.checkpoint"):
-        load_state_dict(old / "run")
-    notices = [r.getMessage() for r in caplog.records if "has no manifest" in r.getMessage()]
-    assert notices == [f"{tag_dir} has no manifest (saved before checkpoints carried one, or not by gptoss): its "
-                       "files are not verified"]
-    caplog.clear()
-    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with caplog.at_level(logging.WARNING, logger="gptoss.checkpoint"):
-        plan = plan_run(TrainArgs(ds_config=str(CPU_CONFIG), model=str(old / "model.json"), data=str(old / "data"),
-                                  out=str(old / "run"), max_steps=4, seq_len=16, ep_size=2, eval_every=2,
-                                  eval_batches=2, resume=True))
-    plan.release()
-    assert plan.resume_tag == "step00000002"
-    assert sum("has no manifest" in r.getMessage() for r in caplog.records) == 1
 
 
 # ---- one writer per run directory -------------------------------------------------------------------------
@@ -282,7 +252,7 @@ def test_two_ranks_describe_their_own_files_and_a_missing_rank_file_is_refused(c
     assert {n for n, e in files.items() if e["rank"] == 1} == {
         "rank1_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
         *(f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in (2, 3))}
-    assert verify(tag_dir, full=True).verified
+    assert verify(tag_dir, full=True) is None
 
     damaged = Path(shutil.copytree(out, tmp_path / "damaged"))
     f = damaged / "checkpoints" / "step00000006" / "rank1_state.pt"
@@ -297,4 +267,4 @@ def test_two_ranks_describe_their_own_files_and_a_missing_rank_file_is_refused(c
     for step in range(4, 7):
         for key in ("loss", "aux_loss", "grad_norm", "lr", "expert_load", "val_loss"):
             assert resumed[step].get(key) == full[step].get(key), (step, key)
-    assert verify(damaged / "checkpoints" / "step00000006", full=True).verified
+    assert verify(damaged / "checkpoints" / "step00000006", full=True) is None

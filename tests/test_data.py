@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import logging
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +155,25 @@ def test_synthetic_rerun_is_a_noop_unless_forced(tmp_path: Path, caplog: pytest.
     assert forced["synthetic"]["stories"] == {"train": 20, "val": 2} and forced["synthetic"]["seed"] == 7
 
 
+def test_the_datasets_free_writer_writes_what_prepare_writes(tmp_path: Path) -> None:
+    """`write_prepared` (tests, the GPU check) and `prepare_dataset` share one writer: the same ids give the same
+    files, the same split entries and the same format keys."""
+    from gptoss.data import write_prepared
+    from gptoss.tokenizer import VOCAB_SIZE
+
+    meta = prepare_dataset(str(write_txt(tmp_path / "s.txt", STORIES)), tmp_path / "a", num_proc=1)
+    arrays = {split: np.fromfile(tmp_path / "a" / f"{split}.bin", dtype=np.uint32) for split in ("train", "val")}
+    again = write_prepared(tmp_path / "b", arrays, tokenizer=meta["tokenizer"], vocab_size=VOCAB_SIZE, eot_id=EOT,
+                           source=meta["source"], utf8_bytes={k: v["bytes"] for k, v in meta["splits"].items()})
+    assert again["splits"] == meta["splits"] and set(again) <= set(meta) and again["format_version"] == 1
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for split in arrays:  # token_counts.npz: a zip, whose entries carry the time they were written
+        assert all(np.array_equal(x, y) for x, y in zip(read_token_counts(tmp_path / "a", split),
+                                                        read_token_counts(tmp_path / "b", split)))
+    assert json.loads((tmp_path / "b" / "meta.json").read_text()) == again
+
+
 def test_interrupted_prepare_leaves_nothing_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, out = write_txt(tmp_path / "s.txt", STORIES), tmp_path / "out"
     real_write = data_prepare._write_split
@@ -223,64 +241,53 @@ def test_windows_shift_by_one(prepared: Path) -> None:
     ds = TokenDataset(prepared, "train", seq_len=16, vocab_size=201088)
     ids = np.fromfile(prepared / "train.bin", dtype=np.uint32).astype(np.int64)
     assert isinstance(ds.tokens, np.memmap) and len(ds) == len(ids) - 16
-    for start in (0, 7, len(ds) - 1):
-        x, y = ds.window(start)
-        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (16,)
-        assert x.tolist() == ids[start : start + 16].tolist() and y.tolist() == ids[start + 1 : start + 17].tolist()
-    with pytest.raises(IndexError):
-        ds.window(len(ds))
+    x, y = ds.batch(np.array([0, 7, len(ds) - 1]))
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (3, 16)
+    for row, start in enumerate((0, 7, len(ds) - 1)):
+        assert x[row].tolist() == ids[start:start + 16].tolist()
+        assert y[row].tolist() == ids[start + 1:start + 17].tolist()
     sampler = BatchSampler(ds, 4, seed=0)
     starts = sampler.starts(0)
     x, y = sampler.next_batch()
-    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64 and sampler.step == 1
-    for row, start in enumerate(starts):
-        assert torch.equal(x[row], ds.window(int(start))[0]) and torch.equal(y[row], ds.window(int(start))[1])
+    assert x.shape == y.shape == (4, 16) and sampler.step == 1
+    assert all(torch.equal(a, b) for a, b in zip((x, y), ds.batch(starts)))
     assert ds.check_token_range() == EOT
     assert ds.verify_checksum() == json.loads((prepared / "meta.json").read_text())["splits"]["train"]["sha256"]
-    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers re-open the memmap
-    assert torch.equal(clone.window(3)[0], ds.window(3)[0])
 
 
-def test_sampler_is_a_pure_function_of_seed_step_rank(prepared: Path) -> None:
+def test_sampler_is_a_pure_function_of_seed_and_step(prepared: Path) -> None:
     ds = TokenDataset(prepared, "train", seq_len=8)
     a, b = BatchSampler(ds, 8, seed=3), BatchSampler(ds, 8, seed=3)
     for _ in range(3):
         assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
-    ranks = [BatchSampler(ds, 8, seed=3, rank=r, world_size=2) for r in range(2)]
-    assert all(not np.array_equal(ranks[0].starts(i), ranks[1].starts(i)) for i in range(20))  # own streams
     assert not np.array_equal(BatchSampler(ds, 8, seed=4).starts(0), a.starts(0))
-    assert np.array_equal(ranks[1].starts(5), BatchSampler(ds, 8, seed=3, rank=1, world_size=2).starts(5))
+    assert np.array_equal(a.starts(5), BatchSampler(ds, 8, seed=3).starts(5))
 
 
 def test_resume_continues_the_identical_stream(prepared: Path) -> None:
     ds = TokenDataset(prepared, "train", seq_len=8)
-    run = BatchSampler(ds, 4, seed=11, rank=1, world_size=2)
+    run = BatchSampler(ds, 4, seed=11)
     for _ in range(3):
         run.next_batch()
     state = json.loads(json.dumps(run.state_dict()))  # as a checkpoint would store it
     expected = [run.next_batch() for _ in range(3)]
-    resumed = BatchSampler(ds, 4, seed=0, rank=1, world_size=2)
+    resumed = BatchSampler(ds, 4, seed=0)
     resumed.load_state_dict(state)
     assert resumed.step == 3 and resumed.seed == 11
     for (x, y), (ex, ey) in zip((resumed.next_batch() for _ in range(3)), expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-    rank0 = BatchSampler(ds, 4, seed=0, rank=0, world_size=2)
-    rank0.load_state_dict(state)  # rank 1's state, loaded on rank 0: keeps its own rank
-    assert rank0.rank == 0 and np.array_equal(rank0.starts(3), BatchSampler(ds, 4, seed=11, world_size=2).starts(3))
-    with pytest.raises(DataError, match="world_size"):
-        BatchSampler(ds, 4, seed=11, world_size=4).load_state_dict(state)
     with pytest.raises(DataError, match="batch_size"):
-        BatchSampler(ds, 8, seed=11, rank=1, world_size=2).load_state_dict(state)
-    loose = BatchSampler(ds, 8, seed=0, world_size=4)
-    loose.load_state_dict(state, strict=False)
-    assert loose.step == 3
+        BatchSampler(ds, 8, seed=11).load_state_dict(state)
+    with pytest.raises(DataError, match="seq_len"):
+        BatchSampler(TokenDataset(prepared, "train", seq_len=16), 4, seed=11).load_state_dict(state)
 
 
 def test_eval_batches_are_fixed_and_evenly_spaced(prepared: Path) -> None:
     ds = TokenDataset(prepared, "val", seq_len=8)
     first, second = list(eval_batches(ds, 2, 3)), list(eval_batches(ds, 2, 3))
     assert len(first) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    assert torch.equal(first[0][0][0], ds.window(0)[0]) and torch.equal(first[-1][1][-1], ds.window(len(ds) - 1)[1])
+    edges = ds.batch(np.array([0, len(ds) - 1]))
+    assert torch.equal(first[0][0][0], edges[0][0]) and torch.equal(first[-1][1][-1], edges[1][1])
     sharded = [b for r in range(2) for b in eval_batches(ds, 2, 3, rank=r, world_size=2)]
     assert sorted(b[0].sum().item() for b in sharded) == sorted(b[0].sum().item() for b in first)
 
@@ -335,44 +342,24 @@ def test_cli_help_synthetic_and_bad_source(tmp_path: Path) -> None:
 
 
 def test_one_epoch_of_windows_covers_every_token_once(prepared: Path) -> None:
-    """"epoch" order: the targets of one epoch's windows, over all ranks, cover tokens 1 .. n*L exactly once
-    (only a tail shorter than one window is left out), and the next epoch is another permutation."""
+    """The targets of one epoch's windows cover tokens 1 .. n*L exactly once (only a tail shorter than one window
+    is left out), and the next epoch is another permutation."""
     ds = TokenDataset(prepared, "train", seq_len=8)
-    ranks = [BatchSampler(ds, 3, seed=7, rank=r, world_size=2) for r in range(2)]
-    n, L = ranks[0].windows_per_epoch, 8
+    sampler = BatchSampler(ds, 6, seed=7)
+    n, L = sampler.windows_per_epoch, 8
     assert n == (ds.num_tokens - 1) // L and ds.num_tokens - 1 - n * L < L
-    steps = -(-n // 6)  # global batch 6 windows; the last step straddles into epoch 2
-    starts = np.concatenate([s.starts(i) for i in range(steps) for s in ranks])
+    steps = -(-n // 6)  # the last step straddles into epoch 2
+    starts = np.concatenate([sampler.starts(i) for i in range(steps)])
     first_epoch = starts[:n]
     covered = np.sort(np.concatenate([np.arange(s + 1, s + L + 1) for s in first_epoch]))
     assert np.array_equal(covered, np.arange(1, n * L + 1))
-    assert ranks[0].epoch(steps) == pytest.approx(steps * 6 / n)
-    second = np.concatenate([s.starts(i) for i in range(steps, 2 * steps) for s in ranks])
+    second = np.concatenate([sampler.starts(i) for i in range(steps, 2 * steps)])
     second_epoch = np.concatenate([starts[n:], second])[:n]
     assert sorted(second_epoch) == sorted(first_epoch) and not np.array_equal(second_epoch, first_epoch)
 
 
-def test_sampler_resumes_in_the_order_it_was_saved_in(prepared: Path) -> None:
-    ds = TokenDataset(prepared, "train", seq_len=8)
-    old = BatchSampler(ds, 4, seed=2, order="random")
-    state = {k: v for k, v in old.state_dict().items() if k != "order"}  # saved before "epoch" existed
-    state["step"] = 5
-    resumed = BatchSampler(ds, 4, seed=2)
-    assert resumed.order == "epoch"
-    resumed.load_state_dict(state)
-    assert resumed.order == "random" and np.array_equal(resumed.starts(5), old.starts(5))
-    epoch = BatchSampler(ds, 4, seed=2)
-    epoch.step = 9
-    again = BatchSampler(ds, 4, seed=0, order="random")
-    again.load_state_dict(epoch.state_dict())
-    assert again.order == "epoch" and np.array_equal(again.starts(9), epoch.starts(9))
-    with pytest.raises(DataError, match="sampling order 'shuffled'"):
-        BatchSampler(ds, 4, seed=0, order="shuffled")
-
-
 def test_whole_split_batches_cover_every_target_once_and_even_out_the_ranks(prepared: Path) -> None:
-    from gptoss.data import whole_split_batches
-    from gptoss.model.loss import IGNORE_INDEX
+    from gptoss.data import IGNORE_INDEX, whole_split_batches
 
     ds = TokenDataset(prepared, "val", seq_len=8)
     ids = np.fromfile(prepared / "val.bin", dtype=np.uint32).astype(np.int64)

@@ -7,7 +7,6 @@ ones train with DeepSpeed on CPU (resume exactness, a val split with ids absent 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -19,12 +18,11 @@ import torch
 from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
 
 from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config, param_counts
-from gptoss.data import TokenDataset
-from gptoss.data.layout import write_token_counts
+from gptoss.data import TokenDataset, kept_set, write_prepared
 from gptoss.data.sampler import whole_split_batches
 from gptoss.generate import generate, load_model
 from gptoss.model import build_model
-from gptoss.model.vocab import expand_state_dict, kept_set
+from gptoss.model.vocab import expand_state_dict
 from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,26 +184,19 @@ def test_export_is_a_full_vocabulary_model_transformers_agrees_with(tmp_path, na
 VOCAB = 512
 
 
-def write_data(out: Path, *, train_ids: int = 200, counts: bool = True) -> Path:
+def write_data(out: Path, train_ids: int = 200) -> Path:
     """A prepared dir (vocabulary 512, <|endoftext|> = 0) whose train split uses ids < train_ids only and whose
     val split uses all 512: ids absent from train."""
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    splits, per_split = {}, {}
+    splits = {}
     for split, n, ids in (("train", 8192, train_ids), ("val", 1024, VOCAB)):
         tokens = np.empty(n, dtype="<u4")
         tokens[0] = 0
         for i in range(1, n):
             tokens[i] = (tokens[i - 1] * 5 + 3) % ids if rng.random() < 0.8 else rng.integers(ids)
         tokens[::97] = 0  # story starts
-        tokens.tofile(out / f"{split}.bin")
-        splits[split] = {"file": f"{split}.bin", "tokens": n, "documents": int((tokens == 0).sum()),
-                         "sha256": hashlib.sha256(tokens.tobytes()).hexdigest(), "max_token_id": int(tokens.max())}
-        per_split[split] = np.bincount(tokens, minlength=VOCAB)
-    (out / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "synthetic", "vocab_size": VOCAB,
-                                               "eot_id": 0, "dtype": "uint32", "splits": splits}))
-    if counts:
-        write_token_counts(out / "token_counts.npz", per_split)
+        splits[split] = tokens
+    write_prepared(out, splits, tokenizer="synthetic", vocab_size=VOCAB, eot_id=0, source="test_data_vocab")
     get_config("tiny", vocab_size=VOCAB).save(out / "model.json")
     return out
 
@@ -215,14 +206,12 @@ def data_dir(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("dv_data"))
 
 
-def test_kept_set_from_token_counts_or_a_scan_of_an_older_dir(data_dir, tmp_path):
+def test_kept_set_from_token_counts(data_dir, tmp_path):
     from gptoss.train.plan import with_data_vocabulary
 
     cfg = get_config(str(data_dir / "model.json"))
     train = TokenDataset(data_dir, "train", seq_len=32)
     assert with_data_vocabulary(cfg, train).kept_ids == list(range(200))
-    old = write_data(tmp_path / "old", counts=False)  # prepared before token_counts.npz existed
-    assert with_data_vocabulary(cfg, TokenDataset(old, "train", seq_len=32)).kept_ids == list(range(200))
     every = write_data(tmp_path / "every", train_ids=VOCAB)  # every id used: nothing to save
     assert with_data_vocabulary(cfg, TokenDataset(every, "train", seq_len=32)).kept_ids is None
 

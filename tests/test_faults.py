@@ -4,7 +4,7 @@ is one clear line naming the file or key and the fix.
     config   unknown DeepSpeed / gptoss keys (with "did you mean"); the rest of plan_run's checks (batch
              arithmetic, vocab, context, ep_size, ZeRO-3) are in test_train.py::test_user_errors_are_one_line
     data     truncated .bin, flipped bytes (--verify_data), ids outside the vocabulary, empty validation split
-    save     SIGKILL in the middle of writing a checkpoint file; a broken `latest`; pruning
+    save     SIGKILL in the middle of writing a checkpoint file; a broken `latest`; pruning along the run's chain
     numbers  NaN losses are skipped, then the run stops with the last good weights; a finite loss with an inf/NaN
              gradient (dense and expert parameters) is skipped and counted, and training goes on unharmed
     ranks    a rank killed under torchrun; a rank that dies or hangs under a launcher that does not watch its
@@ -40,7 +40,7 @@ from conftest import (
     wait_for_metrics,
 )
 
-from gptoss.train import DS_CONFIG_KEYS, TrainArgs, plan_run, prune_checkpoints
+from gptoss.train import DS_CONFIG_KEYS, TrainArgs, plan_run
 
 
 def error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -182,9 +182,6 @@ def test_flipped_bytes_are_caught_by_verify_data(capsys, monkeypatch, data, tmp_
     assert f"{val} has sha256 " in line and "meta.json says" in line
     assert line.endswith("the file changed since it was prepared (corrupted or overwritten); re-run "
                          "prepare_data.py --force")
-    edit_meta(data, "val", sha256="")  # data prepared without a digest cannot be verified: say so
-    line = call_main(capsys, monkeypatch, data, tmp_path / "c", verify_data=True)
-    assert "meta.json records no sha256 for split 'val'" in line and "prepare_data.py --force" in line
 
 
 def test_token_ids_outside_the_vocabulary(capsys, monkeypatch, data, tmp_path):
@@ -198,8 +195,8 @@ def test_token_ids_outside_the_vocabulary(capsys, monkeypatch, data, tmp_path):
     line = call_main(capsys, monkeypatch, data, tmp_path / "a")
     assert ("split 'train' holds token ids up to 9999 (max_token_id), outside the vocabulary of 512: tokenized "
             "with another tokenizer or corrupted; re-run prepare_data.py --force") in line
-    # data prepared before max_token_id was recorded: --verify_data scans the ids
-    edit_meta(data, "train", max_token_id=None)
+    # a meta.json that understates the largest id: --verify_data scans the ids
+    edit_meta(data, "train", max_token_id=511)
     line = call_main(capsys, monkeypatch, data, tmp_path / "b", verify_data=True)
     assert f"{train} has sha256" in line  # the digest fails first; with a matching digest, the id scan:
     edit_meta(data, "train", sha256=hashlib.sha256(train.read_bytes()).hexdigest())
@@ -213,7 +210,7 @@ def test_token_ids_outside_the_vocabulary(capsys, monkeypatch, data, tmp_path):
 
 def test_empty_validation_split_with_eval_on(capsys, monkeypatch, data, tmp_path):
     (data / "val.bin").write_bytes(b"")
-    edit_meta(data, "val", tokens=0, max_token_id=None)
+    edit_meta(data, "val", tokens=0, max_token_id=-1)
     line = call_main(capsys, monkeypatch, data, tmp_path / "a")
     assert line == (f"train.py: error: {data / 'val.bin'}: split 'val' has 0 tokens, fewer than one window of "
                     "seq_len+1 = 33; use a smaller seq_len or more data (validation is on: --eval_every 0 trains "
@@ -292,25 +289,22 @@ def test_resume_refuses_a_broken_latest(capsys, monkeypatch, tiny_data, tmp_path
     assert f"{ckpt / 'step00000004'} is not a complete gptoss checkpoint" in line
 
 
-def test_prune_keeps_latest_and_counts_only_complete_checkpoints(tmp_path):
-    def make(step: int, complete: bool = True) -> None:
-        d = tmp_path / f"step{step:08d}"
-        d.mkdir()
-        if complete:
-            (d / "train_state.json").write_text("{}")
-
-    for step in (1, 2, 3):
-        make(step)
-    make(4, complete=False)  # a save that died
-    make(5)
-    make(9)  # after `keep`: a future abandoned by resuming an older tag by hand, left alone
-    prune_checkpoints(tmp_path, keep_last=3, keep="step00000005")
-    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000002", "step00000003", "step00000005",
-                                                               "step00000009"]
-    prune_checkpoints(tmp_path, keep_last=1, keep="step00000005")
-    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000005", "step00000009"]
-    prune_checkpoints(tmp_path, keep_last=0, keep="step00000009")  # 0 keeps everything
-    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step00000005", "step00000009"]
+def test_keep_last_prunes_only_along_the_runs_chain(capsys, monkeypatch, tiny_data, tmp_path):
+    """Issue 21 item 6 at tiny scale: saves at 2, 4, 5 and 6 (5 plays the signal save), then --resume_from step 4
+    with --keep_last 2. The new save at 6 replaces the old one, keeps step 4 (its parent) and prunes step 2 along
+    the chain; step 5, abandoned, is left alone and is never offered in place of a damaged checkpoint."""
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    flags = ("--eval_every", "0", "--save_every", "2", "--keep_last", "0")
+    ok(launch(TRAIN, *train_flags(tiny_data, out, *flags, steps=5)))
+    ok(launch(TRAIN, *train_flags(tiny_data, out, *flags, "--resume", steps=6)))
+    assert sorted(p.name for p in ckpt.glob("step*")) == [f"step0000000{s}" for s in (2, 4, 5, 6)]
+    ok(launch(TRAIN, *train_flags(tiny_data, out, *flags[:-1], "2", "--resume_from", "step00000004", steps=6)))
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000004", "step00000005", "step00000006"]
+    assert json.loads((ckpt / "step00000006" / "train_state.json").read_text())["parent"] == "step00000004"
+    (ckpt / "step00000006" / "rank0_state.pt").unlink()
+    line = call_main(capsys, monkeypatch, tiny_data, out, resume=True, max_steps=6)
+    assert line.endswith("the newest older checkpoint that verifies is step00000004: resume from it with "
+                         "--resume_from step00000004"), line
 
 
 # ---- numbers -----------------------------------------------------------------------------------------------

@@ -151,6 +151,27 @@ def test_resume_refuses_other_model_or_layout(capsys, monkeypatch, run, tiny_dat
     assert "already holds checkpoints" in line
 
 
+def test_other_format_versions_are_refused_in_one_line(capsys, monkeypatch, run, tiny_data, tmp_path):
+    """meta.json and train_state.json carry format_version 1; another number, or none, names the file, the version
+    found and the one expected."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    meta = json.loads((data / "meta.json").read_text())
+    for version in (0, None):
+        (data / "meta.json").write_text(json.dumps({**meta, "format_version": version}))
+        line = call_main(capsys, monkeypatch, data, tmp_path / "out")
+        assert f"{data / 'meta.json'}: format_version {version}, this gptoss reads format_version 1" in line
+    out = Path(shutil.copytree(run, tmp_path / "run"))
+    state_file = out / "checkpoints" / "step00000008" / "train_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format_version": 2}))
+    line = call_main(capsys, monkeypatch, tiny_data, out, resume=True)
+    assert line == f"train.py: error: {state_file}: format_version 2, this gptoss reads format_version 1"
+
+
+def test_resume_keeps_story_awareness(capsys, monkeypatch, run, tiny_data):
+    line = call_main(capsys, monkeypatch, tiny_data, run, resume=True, attend_across_stories=True)
+    assert "written with another layout (story_aware True -> False)" in line
+
+
 @pytest.mark.parametrize("ds_name, world, micro_accum", [
     ("a40.json", 1, (16, 4)), ("a40.json", 4, (16, 1)),  # one A40, or the same global batch on four GPUs
     ("multinode.json", 16, (16, 2)), ("multinode.json", 32, (16, 1)),  # 2 and 4 nodes of 8 GPUs, ep 8

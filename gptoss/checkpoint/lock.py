@@ -1,5 +1,5 @@
-"""One writer per run directory: an advisory lock (`flock`) on `<out>/train.lock`, taken by rank 0 while the run
-is planned (before any process group) and held until it ends, so a second training process on the same --out (a
+"""One writer per run directory: an advisory lock (`flock`) on `<out>/train.lock`, taken by rank 0 when the trainer
+sets up (before any process group) and held until it ends, so a second training process on the same --out (a
 resubmitted Slurm job next to a running one) stops at once instead of interleaving its checkpoints and metrics
 with the first's. Kept apart from the checkpoint files because it guards the whole run dir, metrics included.
 
@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from gptoss.errors import TrainError
+from gptoss.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +36,22 @@ class RunLock:
             fd, self._fd = self._fd, None
             os.close(fd)  # closing the only descriptor drops the flock
 
-    def __del__(self) -> None:  # a plan dropped without release (a test calling plan_run): do not keep the lock
-        try:
-            self.release()
-        except OSError:
-            pass
-
 
 def acquire_run_lock(out: Path) -> RunLock | None:
-    """Lock `out` for this process (creating the directory), or raise TrainError naming the holder's host and
+    """Lock `out` for this process (creating the directory), or raise CheckpointError naming the holder's host and
     pid. None where the filesystem cannot lock (warned)."""
     path = out / LOCK_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise TrainError(f"--out {out}: cannot create the run lock {path} ({e.strerror})") from e
+        raise CheckpointError(f"--out {out}: cannot create the run lock {path} ({e.strerror})") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "host and pid not written yet"
         os.close(fd)
-        raise TrainError(f"{out} is being written by another training run ({holder}; lock {path}): one run per "
+        raise CheckpointError(f"{out} is being written by another training run ({holder}; lock {path}): one run per "
                          "--out; wait for it to end, stop it, or choose another --out") from None
     except OSError as e:
         os.close(fd)

@@ -1,7 +1,6 @@
 """Checkpoint manifests: the size and crc32 of every file of a checkpoint tag, written into its train_state.json
 before `latest` names the tag, and checked before the checkpoint is resumed, exported or sampled from. Kept apart
-from `save` and `read` because the writer, the trainer's plan and the offline reader all use it, each raising its
-own error type with its own way out.
+from `read` because the trainer's save and resume use it too.
 
 What it protects against: files truncated, missing or changed by accident after the save (a full disk, an
 interrupted or partial copy between clusters, a storage fault that flips bits). Sizes are always checked (one
@@ -17,20 +16,15 @@ a filesystem that is not shared, rank 0 never sees the other nodes' files.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, missing_expert_message, tag_step
-from gptoss.errors import UserError
-
-log = logging.getLogger(__name__)
+from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, ancestors, missing_expert_message, read_train_state
+from gptoss.errors import CheckpointError
 
 MANIFEST = "manifest"  # the key of train_state.json that holds it
 ALGORITHM = "crc32"
@@ -108,20 +102,6 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
 
 # ---- verification ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Verification:
-    """The verdict on one tag: `problem` names the first damaged file with what was expected and found;
-    `legacy` means there is no manifest to check (saved before manifests, or not by gptoss)."""
-
-    tag_dir: Path
-    problem: str | None = None
-    legacy: bool = False
-
-    @property
-    def verified(self) -> bool:
-        return self.problem is None and not self.legacy
-
-
 def _missing(tag_dir: Path, name: str, entry: dict[str, Any], files: dict[str, Any]) -> str:
     m = EXPERT_FILE.match(name)
     if m:
@@ -131,18 +111,16 @@ def _missing(tag_dir: Path, name: str, entry: dict[str, Any], files: dict[str, A
     return f"{tag_dir / name}: missing (the manifest lists {entry['size']:,} bytes written by rank {entry['rank']})"
 
 
-def verify(tag_dir: Path, full: bool = False) -> Verification:
-    """Every file the manifest lists exists with its size; with `full`, also its crc32 (reads every byte)."""
-    state_file = tag_dir / TRAIN_STATE
-    if not state_file.is_file():
-        return Verification(tag_dir, legacy=True)
+def verify(tag_dir: Path, full: bool = False) -> str | None:
+    """None when every file the manifest lists exists with its size (with `full`, also its crc32: reads every
+    byte); else the first damaged file, with what was expected and found."""
     try:
-        manifest = json.loads(state_file.read_text()).get(MANIFEST)
-        files = None if manifest is None else dict(manifest["files"])
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        return Verification(tag_dir, f"{state_file}: unreadable ({type(e).__name__}: {e})")
-    if files is None:
-        return Verification(tag_dir, legacy=True)
+        manifest = read_train_state(tag_dir)[MANIFEST]
+        files = dict(manifest["files"])
+    except CheckpointError as e:
+        return str(e)
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{tag_dir / TRAIN_STATE}: malformed manifest ({type(e).__name__}: {e})"
     problems = []
     for name, entry in files.items():
         path = tag_dir / name
@@ -154,44 +132,25 @@ def verify(tag_dir: Path, full: bool = False) -> Verification:
         if size != entry["size"]:
             problems.append(f"{path}: {size:,} bytes, the manifest says {entry['size']:,}")
     if problems:
-        more = f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else ""
-        return Verification(tag_dir, problems[0] + more)
+        return problems[0] + (f" (and {len(problems) - 1} more file(s))" if len(problems) > 1 else "")
     if full:
         if manifest.get("algorithm") != ALGORITHM:
-            return Verification(tag_dir, f"{state_file}: checksum algorithm {manifest.get('algorithm')!r}, "
-                                         f"this version knows {ALGORITHM!r}")
+            return f"{tag_dir / TRAIN_STATE}: checksum algorithm {manifest.get('algorithm')!r}, this version knows " \
+                   f"{ALGORITHM!r}"
         for name, entry in files.items():
             found = crc32_file(tag_dir / name)
             if found != entry[ALGORITHM]:
-                return Verification(tag_dir, f"{tag_dir / name}: {ALGORITHM} {found}, the manifest says "
-                                             f"{entry[ALGORITHM]} (same size: the content changed)")
-    return Verification(tag_dir)
-
-
-def newest_verified_before(tag_dir: Path, full: bool = False) -> str | None:
-    """The newest `step*` tag beside tag_dir, older than it, that verifies at the same depth (a tag without a
-    manifest does not count: nothing vouches for it)."""
-    step = tag_step(tag_dir.name)
-    older = []
-    for p in tag_dir.parent.iterdir():
-        s = tag_step(p.name)
-        if p.is_dir() and p != tag_dir and s is not None and (step is None or s < step):
-            older.append((s, p))
-    for _, p in sorted(older, reverse=True):
-        if (p / TRAIN_STATE).is_file() and verify(p, full).verified:
-            return p.name
+                return (f"{tag_dir / name}: {ALGORITHM} {found}, the manifest says {entry[ALGORITHM]} (same size: the "
+                        "content changed)")
     return None
 
 
-def check_checkpoint(tag_dir: Path, full: bool, error: type[UserError], way_out: str, prefix: str = "") -> None:
-    """Raise `error` with one line (the damaged file, expected and found, and the newest older tag that verifies,
-    offered as `way_out TAG`) when tag_dir fails verification; a one-line notice when it has no manifest."""
-    v = verify(tag_dir, full)
-    if v.problem is not None:
-        older = newest_verified_before(tag_dir, full)
+def check_checkpoint(tag_dir: Path, full: bool, way_out: str, prefix: str = "") -> None:
+    """Raise CheckpointError with one line when tag_dir fails verification: the damaged file, expected and found,
+    and the newest older tag of its chain that verifies, offered as `way_out TAG`."""
+    problem = verify(tag_dir, full)
+    if problem is not None:
+        older = next((p.name for p in ancestors(tag_dir) if verify(p, full) is None), None)
         then = (f"the newest older checkpoint that verifies is {older}: {way_out} {older}" if older else
                 "no older checkpoint verifies (restore the files from a copy)")
-        raise error(f"{prefix}checkpoint {tag_dir.name} fails verification: {v.problem}; {then}")
-    if v.legacy:
-        log.warning("%s has no manifest (saved before checkpoints carried one, or not by gptoss): its files are "
-                    "not verified", tag_dir)
+        raise CheckpointError(f"{prefix}checkpoint {tag_dir.name} fails verification: {problem}; {then}")

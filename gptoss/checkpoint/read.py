@@ -11,11 +11,11 @@ DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours. On
     [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  rank r's flat fp32 master partitions (ZeRO-1/2)
 
 Before anything is loaded the tag is checked against the manifest in its train_state.json (`manifest`): file
-sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged tag raises `ExportError` naming
+sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged tag raises `CheckpointError` naming
 the file, expected and found, and the newest older tag that verifies. By default the module weights are read
 (bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32 master weights from the optimizer
 partitions instead (see `_master_weights`), for every expert-parallel size. A missing `latest`/tag/expert
-file, or weights whose keys or shapes differ from the model config, raise `ExportError` naming the file, the
+file, or weights whose keys or shapes differ from the model config, raise `CheckpointError` naming the file, the
 key, and expected vs found (files are checked for presence before any weight is read, shapes as each piece is
 read). The module weights come in pieces (non-expert weights, then one MoE layer at a time), so a consumer
 that streams them holds about one layer's experts at once; the master-weight path holds the whole fp32 model,
@@ -34,16 +34,15 @@ import torch
 
 from gptoss.checkpoint.layout import (
     CHECKPOINTS_DIR,
-    EXPERT_FILE_GLOB,
     LATEST,
     MODEL_STATES,
     OPTIM_FILE,
     expert_file,
-    missing_expert_message,
+    read_latest,
 )
 from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
-from gptoss.errors import ExportError
+from gptoss.errors import CheckpointError
 from gptoss.hf import EXPERT_KEY, EXPERT_PARAMS, expert_key
 
 # ---- locating the checkpoint and its config --------------------------------------------------------------
@@ -70,20 +69,19 @@ def locate_tag_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
     """A run dir (`<run>/checkpoints/...`), a checkpoints dir (with `latest`) or a tag dir -> the tag dir."""
     path = Path(path)
     if not path.exists():
-        raise ExportError(f"checkpoint path {path} does not exist")
+        raise CheckpointError(f"checkpoint path {path} does not exist")
     if tag is None and _is_tag_dir(path):
         return path
     ckpt_dir = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     if tag is None:
-        latest = ckpt_dir / LATEST
-        if not latest.is_file():
+        tag = read_latest(ckpt_dir)
+        if tag is None:
             tags = sorted(p.name for p in ckpt_dir.iterdir() if _is_tag_dir(p)) if ckpt_dir.is_dir() else []
             hint = f"; pass --tag, one of {tags}" if tags else "; no checkpoint tag directories found either"
-            raise ExportError(f"{latest}: no 'latest' file naming the checkpoint tag{hint}")
-        tag = latest.read_text().strip()
+            raise CheckpointError(f"{ckpt_dir / LATEST}: no 'latest' file naming the checkpoint tag{hint}")
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
-        raise ExportError(f"checkpoint tag {tag!r}: directory {tag_dir} not found")
+        raise CheckpointError(f"checkpoint tag {tag!r}: directory {tag_dir} not found")
     return tag_dir
 
 
@@ -96,26 +94,22 @@ def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which one
-        raise ExportError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _resolve_config(tag_dir: Path, states: dict[str, Any],
                     config: ModelConfig | str | os.PathLike | None) -> tuple[ModelConfig, str]:
-    """The model config: explicit > the checkpoint's client state > model_config.json of the run dir."""
+    """The model config: the given one, else the one the trainer saved in the client state."""
     try:
         if isinstance(config, ModelConfig):
             return config, "the given config"
         if config is not None:
             return get_config(str(config)), str(config)
-        if isinstance(states.get("model_config"), dict):
-            return ModelConfig.from_dict(states["model_config"]), f"{tag_dir / MODEL_STATES}['model_config']"
-        for candidate in (tag_dir.parent.parent / "model_config.json", tag_dir.parent / "model_config.json"):
-            if candidate.is_file():
-                return ModelConfig.load(candidate), str(candidate)
+        return ModelConfig.from_dict(states["model_config"]), f"{tag_dir / MODEL_STATES}['model_config']"
     except ConfigError as e:
-        raise ExportError(str(e)) from e
-    raise ExportError(f"{tag_dir}: no model config found (no 'model_config' in {MODEL_STATES}, no "
-                      "model_config.json in the run dir); pass --config PRESET_OR_JSON")
+        raise CheckpointError(str(e)) from e
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{tag_dir / MODEL_STATES}: no model config ({e}); pass --config PRESET_OR_JSON") from e
 
 
 def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
@@ -123,14 +117,10 @@ def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
                     verify_checkpoint: bool = False) -> Checkpoint:
     """Locate the tag, check it against its manifest (sizes; crc32 too with verify_checkpoint), open it."""
     tag_dir = locate_tag_dir(path, tag)
-    check_checkpoint(tag_dir, verify_checkpoint, ExportError, "export it with --tag")
-    if not _is_tag_dir(tag_dir):
-        raise ExportError(f"{tag_dir / MODEL_STATES}: not found (not a complete DeepSpeed checkpoint tag)")
-    if any(tag_dir.glob("*mp_rank_01_*")):
-        raise ExportError(f"{tag_dir}: tensor/model-parallel checkpoints (mp_rank_01 files) are not supported")
+    check_checkpoint(tag_dir, verify_checkpoint, "export it with --tag")
     states = _load(tag_dir / MODEL_STATES)
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise ExportError(f"{tag_dir / MODEL_STATES}: no 'module' state dict (not a DeepSpeed model states file)")
+        raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'module' state dict (not a DeepSpeed model states file)")
     cfg, source = _resolve_config(tag_dir, states, config)
     return Checkpoint(tag_dir, cfg, source, states)
 
@@ -149,24 +139,24 @@ def check_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Size]
     unexpected = sorted(set(found) - set(expected))
     if missing:
         k = missing[0]
-        raise ExportError(f"{where}: missing key {k} (expected shape {list(expected[k])} from {source})"
-                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{where}: missing key {k} (expected shape {list(expected[k])} from {source})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if unexpected:
         k = unexpected[0]
-        raise ExportError(f"{where}: unexpected key {k} (shape {list(found[k].shape)}) not in the model of "
-                          f"{source}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+        raise CheckpointError(f"{where}: unexpected key {k} (shape {list(found[k].shape)}) not in the model of "
+                              f"{source}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
     for k, t in found.items():
         if t.shape != expected[k]:
-            raise ExportError(f"{where}: {k} has shape {list(t.shape)}, but {source} expects "
-                              f"{list(expected[k])}: the config does not match the weights")
+            raise CheckpointError(f"{where}: {k} has shape {list(t.shape)}, but {source} expects "
+                                  f"{list(expected[k])}: the config does not match the weights")
 
 
 def _check_expert_counts(ckpt: Checkpoint) -> None:
     cfg, found = ckpt.config, ckpt.states.get("num_experts")
     want = [cfg.num_local_experts] * cfg.num_hidden_layers if cfg.is_moe else []
     if found is not None and list(found) != want:
-        raise ExportError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
-                          f"{ckpt.config_source} expects {want}: the config does not match the weights")
+        raise CheckpointError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
+                              f"{ckpt.config_source} expects {want}: the config does not match the weights")
 
 
 def _split(expected: dict[str, torch.Size]) -> tuple[dict[str, torch.Size], dict[int, dict[str, torch.Size]]]:
@@ -188,13 +178,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
     cfg = ckpt.config
     _check_expert_counts(ckpt)
     dense_shapes, layer_shapes = _split(expected_shapes(cfg))
-    layers = sorted(layer_shapes)
-    for moe_layer, layer in enumerate(layers):  # all present? (before reading gigabytes)
-        for e in range(cfg.num_local_experts):
-            f = expert_file(ckpt.tag_dir, moe_layer, e)
-            if not f.is_file():
-                n = len(list(ckpt.tag_dir.glob(EXPERT_FILE_GLOB)))
-                raise ExportError(missing_expert_message(f, layer, e, n, len(layers) * cfg.num_local_experts))
+    layers = sorted(layer_shapes)  # every file is there: the manifest was checked when the tag was opened
     dense = _checked_dense(ckpt, dense_shapes)
     _tick(progress)
     yield dense
@@ -206,7 +190,7 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
             want = {expert_key(layer, e, name) for name in EXPERT_PARAMS}
             if not isinstance(part, dict) or set(part) != want:
                 got = sorted(part) if isinstance(part, dict) else type(part).__name__
-                raise ExportError(f"{f}: expected keys {sorted(want)}, found {got}")
+                raise CheckpointError(f"{f}: expected keys {sorted(want)}, found {got}")
             experts.update(part)
             _tick(progress)
         check_shapes(experts, layer_shapes[layer], f"{ckpt.tag_dir} (layer {layer} expert files)",
@@ -258,22 +242,22 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
     cfg, tag_dir = ckpt.config, ckpt.tag_dir
     files = _optim_files(tag_dir)
     if not files:
-        raise ExportError(f"{tag_dir}: --fp32 needs the ZeRO-1/2 optimizer states "
-                          "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt); this checkpoint has none")
+        raise CheckpointError(f"{tag_dir}: --fp32 needs the ZeRO-1/2 optimizer states "
+                              "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt); this checkpoint has none")
     world = max(files) + 1
     missing = sorted(set(range(world)) - set(files))
     expected_world = ckpt.states.get("dp_world_size", world)
     if missing or len(files) != expected_world:
         absent = missing or list(range(len(files), expected_world))
-        raise ExportError(f"{tag_dir}: optimizer state files of rank(s) {absent} missing "
-                          f"(dp_world_size {expected_world}, found {len(files)})")
+        raise CheckpointError(f"{tag_dir}: optimizer state files of rank(s) {absent} missing "
+                              f"(dp_world_size {expected_world}, found {len(files)})")
     E_total = cfg.num_local_experts
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for r in range(world):
         osd = _load(files[r]).get("optimizer_state_dict", {})
         needed = ("single_partition_of_fp32_groups", "param_slice_mappings", "partition_count")
         if not all(k in osd for k in needed):
-            raise ExportError(f"{files[r]}: not a ZeRO-1/2 optimizer state (needs {list(needed)})")
+            raise CheckpointError(f"{files[r]}: not a ZeRO-1/2 optimizer state (needs {list(needed)})")
         groups = osd["base_optimizer_state"]["param_groups"]
         for g, (flat, mapping) in enumerate(zip(osd["single_partition_of_fp32_groups"],
                                                 osd["param_slice_mappings"])):
@@ -292,13 +276,13 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
     out: dict[str, torch.Tensor] = {}
     for name, pieces in parts.items():
         if name not in expected:
-            raise ExportError(f"{tag_dir}: optimizer states hold {name!r}, which the model of "
-                              f"{ckpt.config_source} does not have: the config does not match the weights")
+            raise CheckpointError(f"{tag_dir}: optimizer states hold {name!r}, which the model of "
+                                  f"{ckpt.config_source} does not have: the config does not match the weights")
         pieces.sort(key=lambda op: op[0])
         flat = torch.cat([p for _, p in pieces])
         if flat.numel() != expected[name].numel():
-            raise ExportError(f"{tag_dir}: optimizer partitions of {name} hold {flat.numel()} values, but "
-                              f"{ckpt.config_source} expects shape {list(expected[name])}")
+            raise CheckpointError(f"{tag_dir}: optimizer partitions of {name} hold {flat.numel()} values, but "
+                                  f"{ckpt.config_source} expects shape {list(expected[name])}")
         out[name] = flat.view(expected[name])
     if cfg.tie_word_embeddings:  # one parameter, one optimizer entry: its other name is not listed
         for a, b in (("lm_head.weight", "wte.weight"), ("lm_head.weight", "embed_tokens.weight")):
@@ -306,8 +290,8 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
                 out[a] = out[b]
     absent = sorted(set(expected) - set(out))
     if absent:
-        raise ExportError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
-                          "not found in the optimizer states (frozen parameters are not supported)")
+        raise CheckpointError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
+                              "not found in the optimizer states (frozen parameters are not supported)")
     return out
 
 

@@ -11,7 +11,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,21 +39,26 @@ class TokenDataset:
         splits = self.meta.get("splits", {})
         if split not in splits:
             raise DataError(f"{meta_path} has no split '{split}'; splits: {list(splits)}")
-        info = self.meta["splits"][split]
-        self.path = self.data_dir / info["file"]
-        self.vocab_size = int(self.meta["vocab_size"])
+        try:
+            info = splits[split]
+            self.path = self.data_dir / info["file"]
+            self.vocab_size, self.eot_id = int(self.meta["vocab_size"]), int(self.meta["eot_id"])
+            self.num_tokens, top, self.sha256 = int(info["tokens"]), int(info["max_token_id"]), str(info["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{meta_path}: split '{split}' or the vocabulary malformed ({type(e).__name__}: {e}); "
+                            "re-run prepare_data.py --force") from e
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise DataError(
                 f"{self.data_dir} was tokenized with vocab_size {self.vocab_size} "
                 f"({self.meta.get('tokenizer')}), but the model's vocab_size is {vocab_size}"
             )
-        top = info.get("max_token_id")  # absent in data prepared before it was recorded
-        if top is not None and int(top) >= self.vocab_size:
+        if top >= self.vocab_size:
             raise DataError(
                 f"{meta_path}: split '{split}' holds token ids up to {top} (max_token_id), outside the vocabulary "
                 f"of {self.vocab_size}: tokenized with another tokenizer or corrupted; re-run prepare_data.py --force"
             )
-        self.num_tokens = int(info["tokens"])
+        if not 0 <= self.eot_id < self.vocab_size:
+            raise DataError(f"{meta_path}: eot_id {self.eot_id} is not an id of the vocabulary ({self.vocab_size})")
         expected = self.num_tokens * DTYPE.itemsize
         if not self.path.is_file():
             raise DataError(f"{self.path} not found (listed in {META_NAME})")
@@ -70,31 +74,12 @@ class TokenDataset:
                 f"{self.path}: split '{split}' has {self.num_tokens} tokens, fewer than one window of seq_len+1 = "
                 f"{self.seq_len + 1}; use a smaller seq_len or more data"
             )
-        self._open()
-
-    def _open(self) -> None:
         self.tokens = np.memmap(self.path, dtype=DTYPE, mode="r", shape=(self.num_tokens,))
         self._offsets = np.arange(self.seq_len + 1, dtype=np.int64)
-
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the file instead of copying it
-        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "_offsets")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open()
 
     def __len__(self) -> int:
         """Number of valid window starts."""
         return self.num_tokens - self.seq_len
-
-    def window(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [seq_len] each, from one slice of seq_len + 1 tokens."""
-        if not 0 <= start < len(self):
-            raise IndexError(f"window start {start} outside [0, {len(self)}) of split '{self.split}'")
-        chunk = self.tokens[start:start + self.seq_len + 1]
-        self._check_ids(chunk[None], np.array([start]))
-        chunk = torch.from_numpy(chunk.astype(np.int64))
-        return chunk[:-1], chunk[1:]
 
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [B, seq_len], gathered in one fancy-indexing read of the memmap."""
@@ -128,21 +113,17 @@ class TokenDataset:
         for i in range(0, self.num_tokens, _CHUNK_TOKENS):
             yield self.tokens[i:i + _CHUNK_TOKENS]
 
-    def check_token_range(self, vocab_size: int | None = None) -> int:
-        """Scan the split; returns the largest id, raises if any id is >= vocab_size (default: meta's)."""
-        limit = self.vocab_size if vocab_size is None else vocab_size
+    def check_token_range(self) -> int:
+        """Scan the split; returns the largest id, raises if any id lies outside the vocabulary."""
         top = max(int(chunk.max()) for chunk in self._chunks())
-        if top >= limit:
-            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {limit}: tokenized with "
-                            "another tokenizer or corrupted; re-run prepare_data.py --force")
+        if top >= self.vocab_size:
+            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {self.vocab_size}: "
+                            "tokenized with another tokenizer or corrupted; re-run prepare_data.py --force")
         return top
 
     def verify_checksum(self) -> str:
         """sha256 of the file against meta.json (reads the whole file: optional, not done on open)."""
-        expected = self.meta["splits"][self.split].get("sha256")
-        if not expected:
-            raise DataError(f"{self.data_dir / META_NAME} records no sha256 for split '{self.split}', so "
-                            f"{self.path} cannot be verified; re-run prepare_data.py --force to record it")
+        expected = self.sha256
         sha = hashlib.sha256()
         for chunk in self._chunks():
             sha.update(memoryview(np.ascontiguousarray(chunk)))

@@ -8,12 +8,11 @@ renamed into place with meta.json last, so an interrupted run never leaves outpu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from gptoss.data.layout import (
-    DTYPE,
-    FORMAT_VERSION,
     META_NAME,
     TOKEN_COUNTS_NAME,
     DataError,
     is_finished,
+    new_meta,
     read_meta,
+    write_meta,
+    write_split,
     write_token_counts,
 )
 from gptoss.data.sources import DEFAULT_SOURCE, check_columns, holdout, load_files, load_hub, resolve_source
@@ -73,31 +73,23 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
     )
 
 
-def _write_split(ds: Any, path: Path, split: str) -> tuple[int, str, int, np.ndarray]:
-    """Stream the tokenized split into `path`; returns (tokens, sha256, largest id, count per id), all found
-    while writing.
-
-    The largest id goes into meta.json so that training can refuse ids outside the model's vocabulary
-    without reading the file; the counts (token_counts.npz) tell which ids the split uses.
-    """
+def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.ndarray]:
+    """Stream the tokenized split into `path` (`layout.write_split`), with a progress bar."""
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
     total = pc.sum(ds.with_format("arrow")["len"]).as_py()
-    sha, written, top = hashlib.sha256(), 0, -1
-    counts = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    with open(path, "wb") as f, tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
-        for table in ds.with_format("arrow").iter(batch_size=10_000):
-            arr = np.ascontiguousarray(pc.list_flatten(table["ids"]).to_numpy(), dtype=DTYPE)
-            f.write(memoryview(arr))
-            sha.update(memoryview(arr))
-            written += arr.size
-            top = max(top, int(arr.max())) if arr.size else top
-            counts += np.bincount(arr, minlength=VOCAB_SIZE)[:VOCAB_SIZE]
-            bar.update(arr.size)
-    if written != total:
-        raise DataError(f"wrote {written} tokens to {path}, expected {total}")
-    return written, sha.hexdigest(), top, counts
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
+        def chunks() -> Iterator[np.ndarray]:
+            for table in ds.with_format("arrow").iter(batch_size=10_000):
+                arr = pc.list_flatten(table["ids"]).to_numpy()
+                bar.update(arr.size)
+                yield arr
+
+        info, counts = write_split(path, chunks(), VOCAB_SIZE)
+    if info["tokens"] != total:
+        raise DataError(f"wrote {info['tokens']} tokens to {path}, expected {total}")
+    return info, counts
 
 
 def _utf8_bytes(tokenized: Any) -> int:
@@ -202,7 +194,6 @@ def prepare_dataset(
     for stale in [p for pattern in stale_names for p in out.glob(pattern)]:  # left by a killed run
         stale.unlink()
     tmp_bins: dict[str, Path] = {}
-    meta_tmp = out / f"{META_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     counts_tmp = out / f"{TOKEN_COUNTS_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     stats: dict[str, dict[str, Any]] = {}
     id_counts: dict[str, np.ndarray] = {}
@@ -213,38 +204,24 @@ def prepare_dataset(
             if tokenized.num_rows == 0:
                 raise DataError(f"{description}: split '{split}' has no non-empty documents")
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
-            tokens, digest, top, id_counts[split] = _write_split(tokenized, tmp_bins[split], split)
-            stats[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": tokenized.num_rows,
-                            "bytes": _utf8_bytes(tokenized), "sha256": digest, "max_token_id": top,
-                            "distinct_ids": int(np.count_nonzero(id_counts[split]))}
+            info, id_counts[split] = _write_split(tokenized, tmp_bins[split], split)
+            stats[split] = {"file": f"{split}.bin", **info, "documents": tokenized.num_rows,
+                            "bytes": _utf8_bytes(tokenized)}
         write_token_counts(counts_tmp, id_counts)
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": ENCODING_NAME,
-            "vocab_size": VOCAB_SIZE,
-            "eot_id": EOT_ID,
-            "dtype": "uint32",
-            "source": description,
-            "val_from": val_from,
-            "splits": stats,
-            "token_counts": TOKEN_COUNTS_NAME,
-            "settings": settings,
-            "seconds": round(seconds, 3),
-            "tokens_per_second": round(n_tokens / max(seconds, 1e-9), 1),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if synthetic_info is not None:
-            meta["synthetic"] = synthetic_info
+        meta = new_meta(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, eot_id=EOT_ID, source=description,
+                        splits=stats, val_from=val_from, settings=settings, seconds=round(seconds, 3),
+                        tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        **({"synthetic": synthetic_info} if synthetic_info is not None else {}))
         (out / META_NAME).unlink(missing_ok=True)  # from here until the end the dir is "unfinished"
         for split, tmp in tmp_bins.items():
             os.replace(tmp, out / stats[split]["file"])
         os.replace(counts_tmp, out / TOKEN_COUNTS_NAME)
-        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(meta_tmp, out / META_NAME)
+        write_meta(out, meta)
     finally:
-        for tmp in [*tmp_bins.values(), meta_tmp, counts_tmp]:
+        for tmp in [*tmp_bins.values(), counts_tmp]:
             tmp.unlink(missing_ok=True)
     log.info(
         "prepared %s in %.1fs (%.0f tokens/s): %s", out, seconds, meta["tokens_per_second"],

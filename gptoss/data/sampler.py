@@ -1,13 +1,10 @@
 """Which windows a training step reads: `BatchSampler` for training, `eval_batches` for a fixed validation set.
 
-Both are pure functions of their arguments (seed, step, rank, world_size; or the batch count), so ranks see
-different data and a resumed run continues the identical stream; the windows come from a `TokenDataset`.
-
-Two training orders. "epoch" (the default): the split is cut into non-overlapping windows of seq_len + 1
-tokens at starts 0, L, 2L, ... (L = seq_len; their targets tile tokens 1 .. n*L), and each epoch visits every
-window once in a seeded permutation, re-shuffled each epoch; a one-epoch token budget sees every token (bar a
-tail shorter than one window). "random": windows start anywhere, drawn with replacement (the order of
-checkpoints written before "epoch" existed, which therefore resume in it).
+Both are pure functions of their arguments (seed and step; or the batch count), so a resumed run continues the
+identical stream; the windows come from a `TokenDataset`. The split is cut into non-overlapping windows of
+seq_len + 1 tokens at starts 0, L, 2L, ... (L = seq_len; their targets tile tokens 1 .. n*L), and each epoch visits
+every window once in a seeded permutation, re-shuffled each epoch: a one-epoch token budget sees every token (bar a
+tail shorter than one window). The trainer draws one global batch per step and each rank takes its rows of it.
 """
 
 from __future__ import annotations
@@ -23,49 +20,31 @@ from gptoss.data.layout import DataError
 
 log = logging.getLogger(__name__)
 
-
-ORDERS = ("epoch", "random")
+IGNORE_INDEX = -100  # a target that counts in no loss (torch's cross_entropy default); the model's loss reads it
 
 
 class BatchSampler:
-    """Windows whose starts are a pure function of (order, seed, step, rank, world_size).
+    """Windows whose starts are a pure function of (seed, step): no hidden RNG state, so step `s` always draws
+    the same batch and a run resumed from `state_dict()` continues the identical stream."""
 
-    No hidden RNG state: step `s` on rank `r` always draws the same batch, so ranks differ from each other
-    and a run resumed from `state_dict()` continues the identical stream. In "epoch" order the ranks split
-    each global step's windows (rank r takes the r-th `batch_size` of them).
-    """
-
-    def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, order: str = "epoch") -> None:
-        if order not in ORDERS:
-            raise DataError(f"sampling order {order!r}: expected one of {', '.join(ORDERS)}")
+    def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} outside [0, world_size={world_size})")
         if seed < 0:
             raise DataError(f"seed must be >= 0, got {seed}")
-        self.dataset, self.batch_size = dataset, batch_size
-        self.seed, self.rank, self.world_size, self.order = seed, rank, world_size, order
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): the one in use
 
     @property
     def windows_per_epoch(self) -> int:
-        """Non-overlapping windows of seq_len + 1 tokens in the split ("epoch" order)."""
+        """Non-overlapping windows of seq_len + 1 tokens in the split."""
         return (self.dataset.num_tokens - 1) // self.dataset.seq_len
 
-    def epoch(self, step: int) -> float:
-        """Epochs completed before batch `step` ("epoch" order: exact; "random": the same token count)."""
-        return step * self.batch_size * self.world_size / self.windows_per_epoch
-
     def starts(self, step: int) -> np.ndarray:
-        """Window starts of batch `step` on this rank."""
-        if self.order == "random":
-            rng = np.random.default_rng([self.seed, self.world_size, self.rank, step])
-            return rng.integers(0, len(self.dataset), size=self.batch_size)
+        """Window starts of batch `step`."""
         n = self.windows_per_epoch
-        first = (step * self.world_size + self.rank) * self.batch_size  # position in the endless epoch stream
+        first = step * self.batch_size  # position in the endless epoch stream
         pos = np.arange(first, first + self.batch_size, dtype=np.int64)
         windows = np.empty_like(pos)
         for epoch in np.unique(pos // n):  # a batch may straddle two epochs
@@ -84,35 +63,19 @@ class BatchSampler:
         self.step += 1
         return batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "seq_len": self.dataset.seq_len}
 
-    def state_dict(self) -> dict[str, int | str]:
-        return {"seed": self.seed, "step": self.step, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seq_len": self.dataset.seq_len, "order": self.order}
-
-    def load_state_dict(self, state: dict[str, int], strict: bool = True) -> None:
-        """Resume at `state['step']` with its seed and order (a state without an order was saved before
-        "epoch" existed: "random"). This sampler keeps its own rank, so every rank may load the state saved
-        by rank 0. A different world_size, batch_size or seq_len cannot continue the same stream: an error
-        when `strict`, else the step and seed are taken and the stream changes from here.
-        """
-        saved = {k: state[k] for k in ("world_size", "batch_size", "seq_len") if k in state}
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at `state['step']` with its seed; another batch_size or seq_len cannot continue the same stream."""
+        saved = {k: state[k] for k in ("batch_size", "seq_len")}
         current = {k: v for k, v in self.state_dict().items() if k in saved}
         if saved != current:
-            if strict:
-                raise DataError(
-                    f"sampler state was saved with {saved}, this run has {current}: the batch stream cannot "
-                    "continue identically (load_state_dict(state, strict=False) accepts the change)"
-                )
-            log.warning("sampler resumed with %s instead of %s: a different batch stream", current, saved)
+            raise DataError(f"sampler state was saved with {saved}, this run has {current}: the batch stream cannot "
+                            "continue identically")
         if state["seed"] != self.seed:
             log.info("sampler resumes with the checkpoint's seed %d (not %d)", state["seed"], self.seed)
-        order = str(state.get("order", "random"))
-        if order != self.order:
-            log.info("sampler resumes in the checkpoint's %r order (not %r)", order, self.order)
-        self.seed, self.step, self.order, self._perm = int(state["seed"]), int(state["step"]), order, None
+        self.seed, self.step, self._perm = int(state["seed"]), int(state["step"]), None
 
 
 def eval_batches(dataset: TokenDataset, batch_size: int, num_batches: int, *, rank: int = 0,
@@ -135,8 +98,6 @@ def whole_split_batches(dataset: TokenDataset, batch_size: int, *, rank: int = 0
     last window, and whole batches that only even out the ranks, repeat window 0 with every target set to
     IGNORE_INDEX, so they count in no loss.
     """
-    from gptoss.model.loss import IGNORE_INDEX
-
     n = (dataset.num_tokens - 1) // dataset.seq_len
     n_batches = -(-n // batch_size)
     n_batches = -(-n_batches // world_size) * world_size

@@ -12,25 +12,15 @@ the trainer (`kept_set`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
 from gptoss.model.loss import IGNORE_INDEX
-from gptoss.tokenizer import BOS_ID, CHANNEL_ID, END_ID, EOT_ID, MESSAGE_ID, RETURN_ID, START_ID
 
-# Always kept: <|endoftext|> (every story starts there) and the harmony control tokens a chat fine-tune needs.
-HARMONY_SPECIAL_IDS = (BOS_ID, EOT_ID, RETURN_ID, CHANNEL_ID, START_ID, END_ID, MESSAGE_ID)
 # State-dict keys holding one row per token id (GPT-OSS, GPT-2).
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
-
-
-def kept_set(train_ids: Iterable[int], vocab_size: int) -> list[int]:
-    """The kept set S: every id the training split uses plus the special ids (those inside the vocabulary)."""
-    ids = {int(i) for i in train_ids} | {i for i in HARMONY_SPECIAL_IDS if i < vocab_size}
-    return sorted(ids)
 
 
 class DataVocab(nn.Module):

@@ -44,10 +44,9 @@ class TrainArgs:
                            "recomputed; pure torch, any device) or liger (liger-kernel's Triton kernel, CUDA only: "
                            "pip install 'gptoss[gpu]'); the same loss and gradients within bf16 rounding; "
                            "evaluation is always the chunked loss", default="auto")
-    attend_across_stories: bool = _help("let attention cross <|endoftext|> and positions run on across stories "
-                                        "(the only behaviour before story-aware training); default: each story "
-                                        "attends to itself only and its positions restart at its <|endoftext|>, as "
-                                        "when sampling", default=False)
+    attend_across_stories: bool = _help("let attention cross <|endoftext|> and positions run on across stories; "
+                                        "default: each story attends to itself only and its positions restart at "
+                                        "its <|endoftext|>, as when sampling", default=False)
     vocab: str = _help("data: embedding and unembedding rows only for the ids the train split uses (plus "
                        "<|endoftext|> and the harmony specials) and one shared tail row for every other id, exactly "
                        "the full-vocabulary model whose unused rows are equal (exports hold all 201,088 ids); "
@@ -62,8 +61,8 @@ class TrainArgs:
                          default=False)
     resume_from: str | None = _help("continue from this checkpoint tag of <out>/checkpoints (e.g. step00001000; "
                                     "same checks as --resume) instead of the one `latest` names, which then names "
-                                    "it; newer checkpoints are replaced as the run reaches their steps",
-                                    default=None)
+                                    "it; newer checkpoints are replaced as the run reaches their steps, the others "
+                                    "are left as they are", default=None)
     verify_checkpoint: bool = _help("on resuming, read every checkpoint file and compare its crc32 with the "
                                     "manifest (file sizes are always checked)", default=False)
     wandb: bool = _help("also log to Weights & Biases (WANDB_MODE=offline works without network)",
@@ -74,7 +73,8 @@ class TrainArgs:
                                     "the world size), or 'all': every target of the val split once", default=20)
     save_every: int = _help("checkpoint every N steps (0: only at the end); always saved at the end",
                             default=1000)
-    keep_last: int = _help("keep the newest K checkpoints, delete older ones (0: keep all)", default=3)
+    keep_last: int = _help("keep the newest K checkpoints of this run's chain (the tags it saved or resumed from, "
+                           "one after the other), delete older ones of that chain (0: keep all)", default=3)
     log_every: int = _help("write a metrics.jsonl record every N steps (and on eval steps and the last)",
                            default=10)
     max_bad_steps: int = _help("stop (exit 3, checkpoint of the last good state) after N consecutive "

@@ -1,7 +1,7 @@
-"""The training loop and its entry point: `main` plans the run (every check that needs no process group), then
-`train` sets up (process group, engine, resume), runs the steps with evaluation, logging and periodic
-checkpoints, and saves the final checkpoint. `main` releases the run lock at the end (see `gptoss.checkpoint.lock`)
-and turns failures into exit statuses:
+"""The training loop and its entry point: `main` plans the run, takes the run lock (see `gptoss.checkpoint.lock`) and
+decides whether it resumes (every check that needs no process group), then `train` sets up (process group, engine,
+restore), runs the steps with evaluation, logging and periodic checkpoints, and saves the final checkpoint. `main`
+releases the run lock at the end and turns failures into exit statuses:
 
     0 done, or stopped by SIGTERM/SIGUSR1 (checkpoint saved)
     2 a user error (flags, config, data, checkpoint, a batch with an id outside the vocabulary): one line
@@ -22,18 +22,18 @@ import sys
 import time
 from typing import Any
 
-from gptoss.checkpoint.layout import latest_tag
-from gptoss.checkpoint.resume import load_checkpoint
-from gptoss.checkpoint.save import commit_latest, save_checkpoint
-from gptoss.checkpoint.state import Progress
+from gptoss.checkpoint.layout import read_latest, write_latest
+from gptoss.checkpoint.lock import acquire_run_lock
 from gptoss.config import flops_per_token
 from gptoss.data import BatchSampler
-from gptoss.errors import EXIT_USER_ERROR, TrainError, UserError
+from gptoss.errors import EXIT_USER_ERROR, CheckpointError, UserError
 from gptoss.train.args import TrainArgs
 from gptoss.train.distributed import adopt_slurm_env, env_int, init_distributed, is_comm_failure
 from gptoss.train.engine import build_engine
 from gptoss.train.metrics import MetricsLog, memory_stats, peak_flops, run_args
 from gptoss.train.plan import Plan, plan_run
+from gptoss.train.resume import Resume, decide_resume, restore
+from gptoss.train.save import Progress, save_checkpoint
 from gptoss.train.step import evaluate, my_rows, train_step
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,21 @@ def main(args: TrainArgs) -> int:
     """Run training; returns the exit status (0 done or stopped by a signal, 2 user error, 3 non-finite, 4 a rank
     died or hung)."""
     _setup_logging(env_int("RANK", os.environ.get("SLURM_PROCID", 0)))
+    lock = None
     try:
         adopt_slurm_env()
         plan = plan_run(args)
+        # The lock before the checkpoint checks: a second run must hear "in use", not a verdict on a moving target.
+        lock = acquire_run_lock(plan.out) if plan.rank == 0 else None
+        resume = decide_resume(plan)
     except UserError as e:
+        if lock is not None:
+            lock.release()
         if env_int("RANK", 0) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        return train(plan)
+        return train(plan, resume)
     except UserError as e:  # found after setup: a checkpoint that does not load, a corrupted batch
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -100,17 +106,18 @@ def main(args: TrainArgs) -> int:
         finally:  # a dead launcher can make the flush raise (broken pipe): exit 4 regardless
             os._exit(EXIT_LOST_RANK)
     finally:
-        plan.release()  # the run lock: the next run on this --out may start
+        if lock is not None:
+            lock.release()  # the next run on this --out may start
 
 
 def _latest_or_none(plan: Plan) -> str | None:
     try:
-        return latest_tag(plan.ckpt_dir)
-    except TrainError:  # an empty `latest`
+        return read_latest(plan.ckpt_dir)
+    except CheckpointError:  # an empty `latest`
         return None
 
 
-def train(plan: Plan) -> int:
+def train(plan: Plan, resume: Resume | None) -> int:
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
@@ -118,14 +125,14 @@ def train(plan: Plan) -> int:
     init_distributed(args.timeout_min)
     engine = build_engine(plan)
     sampler = BatchSampler(plan.train_data, plan.global_batch, seed=args.seed)  # the global stream, see step.py
-    prog = load_checkpoint(engine, plan, sampler) if plan.resume_tag else Progress()
+    prog = restore(engine, plan, resume, sampler) if resume else Progress()
     if plan.rank == 0:
         plan.out.mkdir(parents=True, exist_ok=True)
-        if plan.resume_tag is not None and plan.resume_tag != _latest_or_none(plan):
-            commit_latest(plan.ckpt_dir, plan.resume_tag)  # --resume_from: the run now continues from this tag
+        if resume is not None and resume.repoint_latest:
+            write_latest(plan.ckpt_dir, resume.tag)  # --resume_from: the run now continues from this tag
         plan.cfg.save(plan.out / "model_config.json")
         (plan.out / "run_args.json").write_text(json.dumps(run_args(plan), indent=2) + "\n")
-    metrics = MetricsLog(plan, prog.step if plan.resume_tag else None)
+    metrics = MetricsLog(plan, prog.step if resume else None)
     log.info("%d rank(s), ep_size %d, global batch %d x %d tokens = %d tokens/step (micro %d x accum %d), "
              "%d steps, %s", plan.world_size, plan.ep_size, plan.global_batch, args.seq_len, plan.tokens_per_step,
              plan.micro, plan.accum, plan.total_steps,
@@ -136,7 +143,8 @@ def train(plan: Plan) -> int:
     peak = peak_flops()
     stop = StopFlag()
     bar = tqdm(total=plan.total_steps, initial=prog.step, disable=plan.rank != 0, unit="step", dynamic_ncols=True)
-    last_saved = prog.step if plan.resume_tag else -1
+    last_saved = prog.step if resume else -1
+    parent = resume.tag if resume else None  # the run's chain: each save names the tag before it
     window = (prog.step, prog.train_seconds)  # throughput is measured since the last logged record
     exit_code, reason = 0, "final"
     try:
@@ -184,10 +192,10 @@ def train(plan: Plan) -> int:
                 reason = "signal"
                 break
             if args.save_every and prog.step % args.save_every == 0 and not last:
-                save_checkpoint(engine, plan, sampler, prog, "periodic")
+                parent = save_checkpoint(engine, plan, sampler, prog, "periodic", parent)
                 last_saved = prog.step
         if last_saved != prog.step:
-            save_checkpoint(engine, plan, sampler, prog, reason)
+            save_checkpoint(engine, plan, sampler, prog, reason, parent)
     except BaseException as e:
         exit_code = EXIT_USER_ERROR if isinstance(e, UserError) else 1
         raise

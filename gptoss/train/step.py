@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from gptoss.data import BatchSampler, eval_batches, whole_split_batches
-from gptoss.model.loss import IGNORE_INDEX
+from gptoss.data import IGNORE_INDEX, BatchSampler, eval_batches, whole_split_batches
 from gptoss.train.plan import Plan
 
 

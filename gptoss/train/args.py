@@ -137,8 +137,8 @@ def check_args(a: TrainArgs) -> None:
             raise TrainError(f"--{name}={v}: must be >= {low}")
     if a.timeout_min <= 0:
         raise TrainError(f"--timeout_min={a.timeout_min}: must be > 0")
-    from gptoss.model import ATTENTION_IMPLS
-    from gptoss.model.loss import check_loss_impl
+    from gptoss.model.kernels.attention import ATTENTION_IMPLS
+    from gptoss.model.kernels.head_loss import check_loss_impl
 
     if a.vocab not in VOCAB_CHOICES:
         raise TrainError(f"--vocab={a.vocab}: expected one of {', '.join(VOCAB_CHOICES)}")

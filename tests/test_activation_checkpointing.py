@@ -17,10 +17,10 @@ import sys
 import pytest
 import torch
 from conftest import REPO
+from gptoss.model.checkpointing import CheckpointedBlock, transformer_blocks
 
 from gptoss.config import get_config
 from gptoss.model import activation_checkpointing_enabled, build_model, set_activation_checkpointing
-from gptoss.model.checkpointing import CheckpointedBlock, transformer_blocks
 
 PRESETS = ("tiny", "gpt2-tiny")
 

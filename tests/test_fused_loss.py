@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
+from gptoss.model.fused_loss import fused_linear_cross_entropy
 
 from gptoss.config import get_config
 from gptoss.errors import UserError
 from gptoss.model import build_model
-from gptoss.model.fused_loss import fused_linear_cross_entropy
 from gptoss.model.gptoss import head_loss
 from gptoss.model.loss import IGNORE_INDEX, chunked_cross_entropy, liger_available, resolve_loss_impl, set_loss_impl
 from gptoss.model.vocab import kept_set

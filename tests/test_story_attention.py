@@ -1,10 +1,8 @@
 """Story-aware attention: no query sees across <|endoftext|>, rotary positions restart at each story.
 
-The reference is written from the per-token definition (a loop finds each token's story start; float64
-softmax with the sink), independently of `Segments`. Every kernel must equal it, outputs and gradients, on a
-batch whose rows mix stories of many lengths: one longer than the window, single-token stories (EOT right
-after EOT), a window starting mid-story, rows with different boundaries, GQA. The whole models must equal
-themselves run on each story alone.
+`Segments` against the per-token definition (a loop finds each token's story start), its SDPA packing, and the
+whole models against themselves run on each story alone. Each kernel with stories against the float64 formula
+is in tests/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -15,14 +13,8 @@ import pytest
 import torch
 
 from gptoss.config import get_config
-from gptoss.model import Segments, build_model, set_attention_impl
-from gptoss.model.attention import (
-    banded_sliding_attention,
-    eager_attention,
-    flex_attention_with_sinks,
-    per_story_attention,
-    sink_sdpa_attention,
-)
+from gptoss.model import ModelOptions, Segments, build_model
+from gptoss.model.kernels.attention import flex_attention_with_sinks, per_story_attention, sink_sdpa_attention
 
 EOT, VOCAB = 0, 512
 WINDOW = 8
@@ -108,33 +100,6 @@ def test_packing_is_linear_and_covers_every_token_once():
     assert torch.equal(real.sort().values, torch.arange(seg.positions.numel()))
 
 
-@pytest.mark.parametrize("window", [None, 1, 5, WINDOW, 16])
-def test_eager_with_stories_equals_reference(window):
-    ids, (q, k, v, s) = story_tokens(), qkv()
-    seg = Segments.from_tokens(ids, EOT)
-    got = eager_attention(q, k, v, s, 1 / math.sqrt(8), window, seg.positions, seg.positions, seg.doc_ids,
-                          seg.doc_ids)
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-    index_pos = torch.arange(T)  # index positions give the same mask: inside a story they differ alike
-    got = eager_attention(q, k, v, s, 1 / math.sqrt(8), window, index_pos, index_pos, seg.doc_ids, seg.doc_ids)
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-
-
-@pytest.mark.parametrize("window", [1, 5, WINDOW, 16, 20])
-@pytest.mark.parametrize("nkv", [1, 2, 4])
-def test_banded_with_stories_equals_reference(window, nkv):
-    ids, (q, k, v, s) = story_tokens(), qkv(nkv=nkv)
-    got = banded_sliding_attention(q, k, v, s, 1 / math.sqrt(8), window, Segments.from_tokens(ids, EOT))
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-
-
-@pytest.mark.parametrize("nkv", [1, 2, 4])
-def test_full_layer_sdpa_with_stories_equals_reference(nkv):
-    ids, (q, k, v, s) = story_tokens(), qkv(nkv=nkv)
-    got = sink_sdpa_attention(q, k, v, s, 1 / math.sqrt(8), Segments.from_tokens(ids, EOT))
-    assert_same(got, reference(q, k, v, s, None, ids), (q, k, v, s))
-
-
 def test_per_story_attention_equals_one_call_per_story():
     ids, (q, k, v, s) = story_tokens(seed=3), qkv(seed=3)
     got = per_story_attention(lambda *t: sink_sdpa_attention(*t, s, 0.3), q, k, v, Segments.from_tokens(ids, EOT))
@@ -153,19 +118,6 @@ def flex_case(seed: int = 0):
     return ids, q, k, v, s
 
 
-@pytest.mark.parametrize("window", [None, 16, 128])
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_forward_with_stories_equals_reference(window):
-    """FlexAttention has no CPU backward; its forward with the document block mask is checked here."""
-    ids, q, k, v, s = flex_case()
-    seg = Segments.from_tokens(ids, EOT)
-    with torch.no_grad():
-        got = flex_attention_with_sinks(q, k, v, s, 0.25, window, seg)
-        ref = reference(q.double(), k.double(), v.double(), s.double(), window, ids).float()
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    assert seg.block_mask(window) is seg.block_mask(window)  # built once, shared by the layers of a forward
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
 @pytest.mark.parametrize("window", [None, 16])
@@ -177,35 +129,9 @@ def test_flex_backward_with_stories_on_gpu(window):
     assert_same(got, ref, (q, k, v, s), atol=2e-4, rtol=1e-3)
 
 
-def largest_saved_numel(kernel, *inputs) -> int:
-    """Elements of the largest tensor autograd saves for kernel(*inputs), forward and backward."""
-    sizes = [0]
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        kernel(*inputs).sum().backward()
-    return max(sizes)
-
-
-@pytest.mark.parametrize("kernel", [
-    lambda q, k, v, seg: banded_sliding_attention(q, k, v, torch.zeros(2), 0.35, 16, seg),
-    lambda q, k, v, seg: sink_sdpa_attention(q, k, v, torch.zeros(2), 0.35, seg),
-], ids=["banded", "sdpa"])
-def test_story_kernels_memory_is_linear_in_length(kernel):
-    """The story mask is per row but stays a band, and the packed stories at most double the tokens:
-    doubling T doubles the largest saved tensor."""
-    sizes = []
-    for n in (256, 512):
-        ids = torch.randint(0, 20, (1, n), generator=torch.Generator().manual_seed(n))  # EOT about every 20
-        g = torch.Generator().manual_seed(1)
-        q, k, v = (torch.randn(1, h, n, 8, generator=g, requires_grad=True) for h in (2, 1, 1))
-        sizes.append(largest_saved_numel(kernel, q, k, v, Segments.from_tokens(ids, EOT)))
-    assert sizes[1] <= 2.1 * sizes[0]
-
-
 def model_and_ids(preset: str, impl: str = "cpu"):
     torch.manual_seed(0)
-    model = build_model(get_config(preset, vocab_size=VOCAB)).eval()
-    if impl != "cpu":
-        set_attention_impl(model, impl)
+    model = build_model(get_config(preset, vocab_size=VOCAB), options=ModelOptions(attention=impl)).eval()
     return model, story_tokens(seed=1)
 
 
@@ -243,11 +169,10 @@ def test_rotary_positions_restart_at_each_story():
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_model_flex_forward_with_stories_equals_cpu_kernels():
-    model, ids = model_and_ids("tiny", "flex")
+    (flex_model, ids), (cpu_model, _) = model_and_ids("tiny", "flex"), model_and_ids("tiny", "cpu")
     with torch.no_grad():
-        flex = model(ids, eot_id=EOT).logits
-        set_attention_impl(model, "cpu")
-        torch.testing.assert_close(flex, model(ids, eot_id=EOT).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flex_model(ids, eot_id=EOT).logits, cpu_model(ids, eot_id=EOT).logits,
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
@@ -263,13 +188,10 @@ def test_without_eot_id_nothing_changes(preset):
 
 
 def test_loss_with_stories_agrees_between_cpu_and_eager_kernels():
-    model, ids = model_and_ids("tiny")
-    model.train()
-    targets = ids.roll(-1, dims=1)
     results = []
     for impl in ("cpu", "eager"):
-        set_attention_impl(model, impl)
-        out = model(ids, targets=targets, eot_id=EOT)
+        model, ids = model_and_ids("tiny", impl)
+        out = model.train()(ids, targets=ids.roll(-1, dims=1), eot_id=EOT)
         assert torch.isfinite(out.loss)
         results.append((out.loss, torch.autograd.grad(out.loss, list(model.parameters()))))
     (cpu_loss, cpu_grads), (eager_loss, eager_grads) = results

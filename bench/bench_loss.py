@@ -3,7 +3,7 @@
     python bench/bench_loss.py                 # CPU: 201,088 and 8,600 rows, hidden 512, 2,048 tokens, fp32
     python bench/bench_loss.py --rows 4096 --tokens 256 --hidden 64 --repeats 1     # toy smoke, seconds
 
-What one call is: `gptoss.model.loss.head_cross_entropy(hidden, weight, targets, impl)` and
+What one call is: `gptoss.model.kernels.head_loss.LOSS_KERNELS[impl](hidden, weight, targets, ...)` and
 `torch.autograd.grad` of it w.r.t. hidden [tokens x hidden] and weight [rows x hidden], as in a training step
 (grad_output 0.5, like DeepSpeed's 1 / accumulation). 201,088 rows is the full o200k vocabulary; fewer rows is
 a data vocabulary (`--vocab data`), whose last row is the shared tail of the other 201,088 - rows + 1 ids
@@ -55,9 +55,9 @@ def make_inputs(tokens: int, hidden: int, rows: int, device: Any, seed: int = 0
 def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, log_tail: float | None,
          chunk_tokens: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One training-step head: the loss and d(0.5 x loss)/d(hidden, weight). impl "plain": all logits at once."""
-    from gptoss.model.loss import IGNORE_INDEX, head_cross_entropy
+    from gptoss.model.kernels.head_loss import IGNORE_INDEX, LOSS_KERNELS
 
-    if impl == "plain":  # the reference: [tokens x rows] fp32 logits, the tail's ln N as in gptoss.model.vocab
+    if impl == "plain":  # the reference: [tokens x rows] fp32 logits, the tail's ln N as in gptoss.model.head
         logits = torch.nn.functional.linear(h, w).float()
         if log_tail is not None:
             logits = torch.cat([logits[:, :-1], logits[:, -1:] + log_tail], dim=-1)
@@ -65,7 +65,7 @@ def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, log_tail:
         if log_tail is not None:
             loss = loss + log_tail * (t == w.shape[0] - 1).sum() / (t != IGNORE_INDEX).sum()
     else:
-        loss = head_cross_entropy(h, w, t, impl, log_tail_size=log_tail, chunk_tokens=chunk_tokens)
+        loss = LOSS_KERNELS[impl](h, w, t, chunk_tokens, log_tail)
     return loss.detach(), list(torch.autograd.grad(loss * 0.5, (h, w)))
 
 
@@ -122,7 +122,7 @@ def liger_status(device: torch.device, wheels: Path, work: Path) -> str | None:
     import importlib
     import subprocess
 
-    from gptoss.model.loss import liger_available
+    from gptoss.model.kernels.head_loss import liger_available
 
     if not liger_available():
         found = sorted(wheels.glob("liger_kernel-*.whl"))

@@ -95,14 +95,14 @@ def export_and_greedy(ck: Check) -> None:
 
     from gptoss.export import export
     from gptoss.generate import generate, load_model
-    from gptoss.model import set_attention_impl
+    from gptoss.model import ModelOptions
     from gptoss.tokenizer import EOT_ID, encode
 
     t0 = time.perf_counter()
     out = export(need(ck, "run", "train"), ck.work / "export", dtype="fp32", progress=False, tokenizer="no")
     seconds = time.perf_counter() - t0
-    ours = load_model(out, ck.device, "fp32")
-    set_attention_impl(ours, "eager")  # the weights are under test here; the kernels had their own rows
+    # the weights are under test here; the kernels had their own rows
+    ours = load_model(out, ck.device, "fp32", options=ModelOptions(attention="eager"))
     ck.found["model"] = ours
     hf = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                         attn_implementation="eager").to(ck.device).eval()

@@ -1,4 +1,4 @@
-"""The output head's loss alone, forward + backward: the chunked loss vs the fused one (and liger-kernel on CUDA).
+"""The output head's loss alone, forward + backward: the chunked loss vs the fused one.
 
     python bench/bench_loss.py                 # CPU: 201,088 and 8,600 rows, hidden 512, 2,048 tokens, fp32
     python bench/bench_loss.py --rows 4096 --tokens 256 --hidden 64 --repeats 1     # toy smoke, seconds
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 
 FULL_VOCAB = 201088
-IMPLS = ("chunked", "fused", "liger")
+IMPLS = ("chunked", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -114,34 +114,6 @@ def parity(impls: list[str], dtype: torch.dtype, h: torch.Tensor, w: torch.Tenso
     return errors
 
 
-def liger_status(device: torch.device, wheels: Path, work: Path) -> str | None:
-    """None where liger-kernel runs here, else why not. Where it is missing, a liger_kernel wheel in `wheels`
-    (scripts/gpu_wheels.sh) is installed with --no-deps under `work` (torch and triton are the machine's own)."""
-    if device.type != "cuda":
-        return "n/a on CPU (CUDA only)"
-    import importlib
-    import subprocess
-
-    from gptoss.model.kernels.head_loss import liger_available
-
-    if not liger_available():
-        found = sorted(wheels.glob("liger_kernel-*.whl"))
-        if not found:
-            return f"not installed, no liger_kernel wheel in {wheels} (scripts/gpu_wheels.sh adds one)"
-        site = work / "liger"
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                               str(site), str(found[-1])], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"pip could not install {found[-1].name}: {proc.stderr.strip()[-200:]}"
-        sys.path.insert(0, str(site))
-        importlib.invalidate_caches()
-    try:
-        importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
-    except Exception as e:  # e.g. a triton it does not support
-        return f"import failed: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
-    return None
-
-
 def worker(args: argparse.Namespace) -> None:
     impl, rows = args.worker.split(":")
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -157,7 +129,7 @@ def main() -> None:
                    help="comma-separated head rows: 201088 the full vocabulary, fewer a data vocabulary with its tail")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per call (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=512, help="hidden size (nano: 512)")
-    p.add_argument("--impls", default="chunked,fused", help=f"comma-separated, of {', '.join(IMPLS)} (liger: CUDA)")
+    p.add_argument("--impls", default="chunked,fused", help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (default: %(default)s)")

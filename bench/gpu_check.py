@@ -7,8 +7,8 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
   environment  GPU, torch, CUDA; DeepSpeed installed from gpu_kit/wheels (`pip install --no-index
                --find-links`) where it is missing
   parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, forward and backward (each
-               against fp32 eager, next to bf16 eager's own error); the head loss: chunked, fused and (a liger_kernel
-               wheel in gpu_kit/wheels) liger vs plain cross-entropy, then their time and peak memory at nano's
+               against fp32 eager, next to bf16 eager's own error); the head loss: chunked and fused vs plain
+               cross-entropy, then their time and peak memory at nano's
                vocabulary (bench/bench_loss.py)
   data         gpu_kit/data's TinyStories .txt (a copy of ../shared/data/tinystories) tokenized with
                gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed

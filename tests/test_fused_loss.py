@@ -1,6 +1,6 @@
 """The head's loss kernels beyond the table test of tests/test_kernels.py: bf16 against fp32, frozen inputs, no
-gradients wanted, all targets ignored, the liger path's tail columns, a whole model step fused vs chunked, and the
---loss_impl choice from the model options to launch/train.py."""
+gradients wanted, all targets ignored, a whole model step fused vs chunked, and the --loss_impl choice from the
+model options to launch/train.py."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
 
 from gptoss.config import get_config
-from gptoss.errors import UserError
 from gptoss.model import ModelOptions, build_model
 from gptoss.model.kernels.head_loss import (
     IGNORE_INDEX,
     chunked_cross_entropy,
     fused_linear_cross_entropy,
-    liger_available,
-    liger_linear_cross_entropy,
     loss_kernel,
-    with_tail_columns,
 )
 from gptoss.model.vocab import kept_set
 
@@ -100,27 +95,6 @@ def test_all_ignored_gives_zero_loss_and_gradients():
     assert loss.item() == 0 and not dh.any() and not dw.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tail_columns_add_ln_n_to_the_tail_row_without_a_shift(dtype):
-    """The liger path's tail (CUDA only, so its input transform is checked here): hidden' @ weight'.T is the logits
-    plus ln N on the last row alone; in bf16 the tail logit is only rounded once, with no common shift, where a
-    bf16 bias of ln N would move every token's tail logit by the same 0.0197."""
-    g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(4096, HIDDEN, generator=g).to(dtype), (torch.randn(ROWS, HIDDEN, generator=g) * 0.5).to(dtype)
-    lt = math.log(192489)  # a data vocabulary's tail of the 201,088 ids
-    h2, w2 = with_tail_columns(h, w, lt)
-    assert h2.shape == (4096, HIDDEN + 8) and w2.shape == (ROWS, HIDDEN + 8) and h2.dtype == w2.dtype == dtype
-    exact = h.double() @ w.double().t()
-    exact[:, -1] += lt
-    err = F.linear(h2, w2).double() - exact
-    if dtype == torch.float32:
-        assert err.abs().max() < 1e-5
-    else:
-        assert err[:, :-1].abs().max() <= 2**-8 * exact[:, :-1].abs().max()  # bf16 rounding of a logit, once
-        assert err[:, -1].abs().max() <= 2**-8 * exact[:, -1].abs().max()
-        assert abs(err[:, -1].mean()) < 2e-3 < abs(torch.tensor(lt, dtype=dtype).item() - lt)
-
-
 def mixed_targets(kept: list[int] | None, vocab: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, shape, generator=g)
@@ -158,27 +132,12 @@ def test_auto_is_fused_on_cuda_and_chunked_elsewhere():
     assert model.head.loss(x, model.lm_head.weight, t).item() == pytest.approx(math.log(64), rel=0.2)
 
 
-def test_unknown_or_unavailable_impl_is_a_user_error():
-    with pytest.raises(UserError, match="--loss_impl=fast: expected one of auto, chunked, fused, liger"):
-        ModelOptions(loss="fast")
-    if liger_available():
-        pytest.skip("liger-kernel is installed here")
-    with pytest.raises(UserError, match="needs liger-kernel, which is not installed"):
-        ModelOptions(loss="liger")
-    h, w, t = inputs()
-    with pytest.raises(UserError, match="needs liger-kernel"):
-        liger_linear_cross_entropy(h, w, t)
-
-
 def test_train_flag_errors_are_one_line(capsys, monkeypatch, tiny_data, tmp_path):
     line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", loss_impl="fast")
-    assert line == "train.py: error: --loss_impl=fast: expected one of auto, chunked, fused, liger"
+    assert line == "train.py: error: --loss_impl=fast: expected one of auto, chunked, fused"
     from gptoss.train import arg_parser
 
     assert "--loss_impl" in arg_parser().format_help() and "fused on CUDA" in arg_parser().format_help()
-    if not liger_available():
-        line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", loss_impl="liger")
-        assert line.startswith("train.py: error: --loss_impl=liger needs liger-kernel, which is not installed")
 
 
 @pytest.mark.slow

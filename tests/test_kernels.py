@@ -192,9 +192,7 @@ def loss_and_grads(fn, h, w, t, scale: float = 0.25):
 @pytest.mark.parametrize("chunk", [7, 16, TOKENS, None])  # 7 and 16 do not divide 40; None: the default
 @pytest.mark.parametrize("name", sorted(LOSS_KERNELS))
 def test_loss_kernel_equals_full_vocab_cross_entropy(name, chunk, tail):
-    """float64 on CPU (liger: CUDA only, in tests/test_gpu.py), with ignored targets and the data vocabulary's tail."""
-    if name == "liger":
-        pytest.skip("liger-kernel runs on CUDA only (tests/test_gpu.py)")
+    """float64, with ignored targets and the data vocabulary's tail."""
     h, w, t = loss_inputs(tail=tail)
     lt = math.log(TAIL_N) if tail else None
     got = loss_and_grads(lambda *a: LOSS_KERNELS[name](*a, chunk, lt), h, w, t)

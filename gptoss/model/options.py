@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptoss.model.kernels.attention import ATTENTION_IMPLS
-from gptoss.model.kernels.head_loss import check_loss_impl
+from gptoss.model.kernels.head_loss import LOSS_IMPLS
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class ModelOptions:
     attention: str = "auto"
     """attention kernel (`gptoss.model.kernels.attention`): auto, flex, cpu or eager"""
     loss: str = "auto"
-    """head loss kernel (`gptoss.model.kernels.head_loss`): auto, chunked, fused or liger"""
+    """head loss kernel (`gptoss.model.kernels.head_loss`): auto, chunked or fused"""
     activation_checkpointing: bool = False
     """recompute each block's activations in the backward pass (torch.utils.checkpoint per block)"""
     compile: bool = False
@@ -21,9 +21,9 @@ class ModelOptions:
     compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention kernel {self.attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-        check_loss_impl(self.loss)
+        for kind, name, names in (("attention", self.attention, ATTENTION_IMPLS), ("loss", self.loss, LOSS_IMPLS)):
+            if name not in names:
+                raise ValueError(f"{kind} kernel {name!r}: expected one of {', '.join(names)}")
 
 
 DEFAULT_OPTIONS = ModelOptions()

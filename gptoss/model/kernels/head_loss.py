@@ -4,7 +4,6 @@
 - chunked: checkpointed chunks, logits recomputed in backward; the CPU default (BENCHMARKS 11 measures it).
 - fused: each chunk's logits made once and turned at once into both gradients; 1.48x faster than chunked at
   the full vocabulary in 0.69x the memory (BENCHMARKS 11), the CUDA default.
-- liger: liger-kernel's Triton kernel (CUDA only, `pip install 'gptoss[gpu]'`), timed by bench/gpu_check.py.
 
 `log_tail_size` = ln N: the last row of `weight` is the data vocabulary's shared tail of N ids
 (`gptoss.model.head`); its logit + ln N is their total mass, and a target among them has log-probability
@@ -14,16 +13,12 @@ never depend on the training kernel.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from gptoss.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -148,75 +143,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, log_tail_size)
 
 
-def liger_available() -> bool:
-    """Whether liger-kernel is installed (found, not imported: importing it needs triton)."""
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def with_tail_columns(hidden: torch.Tensor, weight: torch.Tensor, log_tail_size: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden and weight with 8 more columns, so that hidden' @ weight'.T adds ln N to the tail row only: ln N
-    split into three parts exact in the weight's dtype, against three columns of ones (8 keeps GEMM shapes
-    aligned). Liger's bias vector would be added to logits already rounded to bf16, rounding ln N itself by
-    up to 2^-5 for every token (a tail of another size); here the GEMM's fp32 accumulator sums the parts."""
-    parts, rest = [], log_tail_size
-    for _ in range(3):
-        parts.append(torch.tensor(rest, dtype=weight.dtype))
-        rest -= parts[-1].double().item()
-    ones = hidden.new_zeros(hidden.shape[0], 8)
-    ones[:, :3] = 1
-    tail = weight.new_zeros(weight.shape[0], 8)
-    tail[-1, :3] = torch.stack(parts).to(weight.device)
-    return torch.cat([hidden, ones], dim=1), torch.cat([weight, tail], dim=1)
-
-
-def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk_tokens: int | None = None, log_tail_size: float | None = None) -> torch.Tensor:
-    """The fused contract through liger-kernel (CUDA only; liger picks its own chunks)."""
-    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if not _wants_grad(hidden, weight):
-        return chunked_cross_entropy(hidden, weight, targets, chunk_tokens, log_tail_size)
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss as cls
-    except ImportError as e:
-        raise UserError(f"--loss_impl liger needs liger-kernel with triton: pip install 'gptoss[gpu]' "
-                        f"({type(e).__name__}: {e})") from None
-    if hidden.device.type != "cuda":
-        raise UserError(f"--loss_impl liger runs on CUDA only, got tensors on {hidden.device.type}; use fused or auto")
-    params = inspect.signature(cls).parameters
-    if "reduction" not in params:
-        raise UserError("--loss_impl liger: this liger-kernel has no reduction argument; pip install 'gptoss[gpu]'")
-    kw: dict[str, Any] = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
-    if "accum_dtype" in params:  # grad_weight summed in fp32 (liger's default: in the weight's dtype)
-        kw["accum_dtype"] = torch.float32
-    rows = weight.shape[0]
-    if log_tail_size is not None:
-        hidden, weight = with_tail_columns(hidden, weight, log_tail_size)
-    total = cls(**kw)(weight, hidden.contiguous(), targets.contiguous()).float()
-    return (total + _tail_term(targets, rows, log_tail_size)) / _count(targets)
-
-
 LossKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None, float | None], torch.Tensor]
 LOSS_KERNELS: dict[str, LossKernel] = {
     "chunked": chunked_cross_entropy,
     "fused": fused_linear_cross_entropy,
-    "liger": liger_linear_cross_entropy,
 }
 LOSS_IMPLS = ("auto", *LOSS_KERNELS)
-
-
-def check_loss_impl(impl: str, flag: str = "--loss_impl") -> None:
-    """A clear UserError for an unknown name, or for liger without liger-kernel installed."""
-    if impl not in LOSS_IMPLS:
-        raise UserError(f"{flag}={impl}: expected one of {', '.join(LOSS_IMPLS)}")
-    if impl == "liger" and not liger_available():
-        raise UserError(f"{flag}=liger needs liger-kernel, which is not installed: pip install 'gptoss[gpu]' "
-                        "(an offline GPU machine: scripts/gpu_wheels.sh packs its wheel; install it with --no-deps)")
 
 
 def loss_kernel(impl: str, device: torch.device) -> LossKernel:
     """The kernel `impl` runs on `device`: auto is fused on CUDA, chunked elsewhere."""
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "chunked"
-    check_loss_impl(impl)
     return LOSS_KERNELS[impl]

@@ -24,7 +24,12 @@ from gptoss.model.moe import MoEFeedForward
 
 EOT = 0
 # Per row: tokens before the first EOT (the window starts mid-story), then story lengths (each starts with EOT).
-ROWS = [(5, [20, 1, 1, 9, 12]), (0, [3, 30, 14, 1]), (48, []), (0, [1] * 6 + [42])]
+ROWS = [
+    (5, [20, 1, 1, 9, 12]),  # mid-story start; a story longer than W; two single-token stories
+    (0, [3, 30, 14, 1]),  # EOT at position 0; the longest story; the window ends on an EOT
+    (48, []),  # no EOT at all: one story, the plain causal case
+    (0, [1] * 6 + [42]),  # single-token stories in a row, then a long one
+]
 
 
 def story_tokens(rows=ROWS, seed: int = 0) -> torch.Tensor:
@@ -62,7 +67,7 @@ def reference_attention(q, k, v, sinks, window, ids=None):
         ok = ok & (start[:, :, None] == start[:, None, :])
     if window is not None:
         ok = ok & (t_idx - s_idx < window)
-    e = torch.where(ok[:, None], s.exp(), s.new_zeros(()))
+    e = torch.where(ok[:, None].to(s.device), s.exp(), s.new_zeros(()))
     return (e / (sinks.view(1, -1, 1, 1).exp() + e.sum(-1, keepdim=True))) @ v
 
 

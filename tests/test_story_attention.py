@@ -11,73 +11,15 @@ import math
 
 import pytest
 import torch
+from test_kernels import EOT, ROWS, assert_same, qkv, story_starts, story_tokens
+from test_kernels import reference_attention as reference
 
 from gptoss.config import get_config
 from gptoss.model import ModelOptions, Segments, build_model
 from gptoss.model.kernels.attention import flex_attention_with_sinks, per_story_attention, sink_sdpa_attention
 
-EOT, VOCAB = 0, 512
-WINDOW = 8
-# Per row: tokens before the first EOT (the window starts mid-story), then story lengths (each starts with EOT).
-ROWS = [
-    (5, [20, 1, 1, 9, 12]),  # mid-story start; a story longer than W; two single-token stories
-    (0, [3, 30, 14, 1]),  # EOT at position 0; the longest story; the window ends on an EOT
-    (48, []),  # no EOT at all: one story, the plain causal case
-    (0, [1] * 6 + [42]),  # single-token stories in a row, then a long one
-]
+VOCAB = 512
 T, N_ROWS = 48, len(ROWS)
-
-
-def story_tokens(rows=ROWS, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for head, stories in rows:
-        row = torch.randint(1, VOCAB, (head,), generator=g).tolist()
-        for n in stories:
-            row += [EOT] + torch.randint(1, VOCAB, (n - 1,), generator=g).tolist()
-        out.append(row)
-    assert len({len(row) for row in out}) == 1, "rows of one batch have one length"
-    return torch.tensor(out)
-
-
-def story_starts(ids: torch.Tensor) -> torch.Tensor:
-    """(B, T): index of the first token of each token's story, by walking the row."""
-    starts = []
-    for row in ids.tolist():
-        s, row_starts = 0, []
-        for t, tok in enumerate(row):
-            if tok == EOT:
-                s = t
-            row_starts.append(s)
-        starts.append(row_starts)
-    return torch.tensor(starts)
-
-
-def reference(q, k, v, sinks, window, ids):
-    """p_ts = exp(s_ts) / (exp(sink_h) + sum exp(s_ts')) over keys s of t's story with s <= t (t - s < W)."""
-    B, nh, T, d = q.shape
-    k = k.repeat_interleave(nh // k.shape[1], 1)
-    v = v.repeat_interleave(nh // v.shape[1], 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(d)
-    start = story_starts(ids)
-    t_idx, s_idx = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    ok = (start[:, :, None] == start[:, None, :]) & (s_idx <= t_idx)
-    if window is not None:
-        ok &= t_idx - s_idx < window
-    e = torch.where(ok[:, None].to(s.device), s.exp(), s.new_zeros(()))
-    return (e / (sinks.view(1, -1, 1, 1).exp() + e.sum(-1, keepdim=True))) @ v
-
-
-def qkv(B=N_ROWS, nh=4, nkv=2, T=T, d=8, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, nh, T, d), (B, nkv, T, d), (B, nkv, T, d), (nh,)]
-    return [torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
-
-
-def assert_same(got, ref, inputs, **tol):
-    torch.testing.assert_close(got, ref, **tol)
-    for a, b in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
-        torch.testing.assert_close(a, b, **tol)
 
 
 def test_segments_follow_the_definition():
@@ -149,7 +91,7 @@ def test_model_with_stories_equals_each_story_alone(preset, impl):
                 alone = model(ids[b:b + 1, a:e]).logits
                 torch.testing.assert_close(packed[b:b + 1, a:e], alone, atol=1e-5, rtol=1e-5)
         plain = model(ids).logits
-    assert not torch.allclose(packed, plain, atol=1e-3)  # the stories did see each other before
+    assert not torch.allclose(packed, plain, atol=1e-3)  # without eot_id the stories see each other
 
 
 def test_rotary_positions_restart_at_each_story():
@@ -177,7 +119,7 @@ def test_model_flex_forward_with_stories_equals_cpu_kernels():
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
 def test_without_eot_id_nothing_changes(preset):
-    """eot_id=None is the old single causal sequence per row (the default of every existing caller); a window
+    """eot_id=None is one causal sequence per row (decoding, and callers that pass no eot_id); a window
     with no EOT in it gives the same logits through the story kernels."""
     model, ids = model_and_ids(preset)
     no_eot = ids.clamp(min=1)

@@ -140,14 +140,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _has_cache(model: nn.Module) -> bool:
-    return hasattr(model, "new_caches")
-
-
 @torch.no_grad()
 def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -158,11 +150,11 @@ def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temp
     """
     if prompts.dim() != 2 or prompts.shape[1] == 0:
         raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
-    device = next(model.parameters()).device
-    seq = prompts.to(device)
+    param = next(model.parameters())
+    seq = prompts.to(param.device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cached = use_cache and _has_cache(model)
-    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, _model_dtype(model), device) \
+    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
+    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, param.dtype, param.device) \
         if cached else None
     start, step_input = 0, seq
     limit = getattr(model.config, "max_position_embeddings", None)

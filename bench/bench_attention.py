@@ -51,7 +51,7 @@ def make_kernel(impl: str, kind: str, T: int, batch: int) -> Any:
     scale = 1.0 / math.sqrt(HEAD_DIM)
     window = WINDOW if kind == "sliding" else None
     if impl == "ours":
-        from gptoss.model.attention import banded_sliding_attention, sink_sdpa_attention
+        from gptoss.model.kernels.attention import banded_sliding_attention, sink_sdpa_attention
 
         if window:
             return lambda q, k, v, s: banded_sliding_attention(q, k, v, s, scale, WINDOW)

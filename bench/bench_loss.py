@@ -1,9 +1,9 @@
-"""The output head's loss alone, forward + backward: the chunked loss vs the fused one (and liger-kernel on CUDA).
+"""The output head's loss alone, forward + backward: the chunked loss vs the fused one.
 
     python bench/bench_loss.py                 # CPU: 201,088 and 8,600 rows, hidden 512, 2,048 tokens, fp32
     python bench/bench_loss.py --rows 4096 --tokens 256 --hidden 64 --repeats 1     # toy smoke, seconds
 
-What one call is: `gptoss.model.loss.head_cross_entropy(hidden, weight, targets, impl)` and
+What one call is: `gptoss.model.kernels.head_loss.LOSS_KERNELS[impl](hidden, weight, targets, ...)` and
 `torch.autograd.grad` of it w.r.t. hidden [tokens x hidden] and weight [rows x hidden], as in a training step
 (grad_output 0.5, like DeepSpeed's 1 / accumulation). 201,088 rows is the full o200k vocabulary; fewer rows is
 a data vocabulary (`--vocab data`), whose last row is the shared tail of the other 201,088 - rows + 1 ids
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (bench/ is not a package)
 
 FULL_VOCAB = 201088
-IMPLS = ("chunked", "fused", "liger")
+IMPLS = ("chunked", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -55,9 +55,9 @@ def make_inputs(tokens: int, hidden: int, rows: int, device: Any, seed: int = 0
 def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, log_tail: float | None,
          chunk_tokens: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One training-step head: the loss and d(0.5 x loss)/d(hidden, weight). impl "plain": all logits at once."""
-    from gptoss.model.loss import IGNORE_INDEX, head_cross_entropy
+    from gptoss.model.kernels.head_loss import IGNORE_INDEX, LOSS_KERNELS
 
-    if impl == "plain":  # the reference: [tokens x rows] fp32 logits, the tail's ln N as in gptoss.model.vocab
+    if impl == "plain":  # the reference: [tokens x rows] fp32 logits, the tail's ln N as in gptoss.model.head
         logits = torch.nn.functional.linear(h, w).float()
         if log_tail is not None:
             logits = torch.cat([logits[:, :-1], logits[:, -1:] + log_tail], dim=-1)
@@ -65,7 +65,7 @@ def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, log_tail:
         if log_tail is not None:
             loss = loss + log_tail * (t == w.shape[0] - 1).sum() / (t != IGNORE_INDEX).sum()
     else:
-        loss = head_cross_entropy(h, w, t, impl, log_tail_size=log_tail, chunk_tokens=chunk_tokens)
+        loss = LOSS_KERNELS[impl](h, w, t, chunk_tokens, log_tail)
     return loss.detach(), list(torch.autograd.grad(loss * 0.5, (h, w)))
 
 
@@ -114,34 +114,6 @@ def parity(impls: list[str], dtype: torch.dtype, h: torch.Tensor, w: torch.Tenso
     return errors
 
 
-def liger_status(device: torch.device, wheels: Path, work: Path) -> str | None:
-    """None where liger-kernel runs here, else why not. Where it is missing, a liger_kernel wheel in `wheels`
-    (scripts/gpu_wheels.sh) is installed with --no-deps under `work` (torch and triton are the machine's own)."""
-    if device.type != "cuda":
-        return "n/a on CPU (CUDA only)"
-    import importlib
-    import subprocess
-
-    from gptoss.model.loss import liger_available
-
-    if not liger_available():
-        found = sorted(wheels.glob("liger_kernel-*.whl"))
-        if not found:
-            return f"not installed, no liger_kernel wheel in {wheels} (scripts/gpu_wheels.sh adds one)"
-        site = work / "liger"
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                               str(site), str(found[-1])], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"pip could not install {found[-1].name}: {proc.stderr.strip()[-200:]}"
-        sys.path.insert(0, str(site))
-        importlib.invalidate_caches()
-    try:
-        importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
-    except Exception as e:  # e.g. a triton it does not support
-        return f"import failed: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
-    return None
-
-
 def worker(args: argparse.Namespace) -> None:
     impl, rows = args.worker.split(":")
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -157,7 +129,7 @@ def main() -> None:
                    help="comma-separated head rows: 201088 the full vocabulary, fewer a data vocabulary with its tail")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per call (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=512, help="hidden size (nano: 512)")
-    p.add_argument("--impls", default="chunked,fused", help=f"comma-separated, of {', '.join(IMPLS)} (liger: CUDA)")
+    p.add_argument("--impls", default="chunked,fused", help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (default: %(default)s)")

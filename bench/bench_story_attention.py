@@ -73,7 +73,7 @@ def make_call(kind: str, variant: str, T: int, batch: int, mean_story: float) ->
     if kind == "segments":
         return lambda: Segments.from_tokens(ids, EOT).packing()
 
-    from gptoss.model.attention import banded_sliding_attention, sink_sdpa_attention
+    from gptoss.model.kernels.attention import banded_sliding_attention, sink_sdpa_attention
 
     g = torch.Generator().manual_seed(T)
     q = torch.randn(batch, HEADS, T, HEAD_DIM, generator=g).requires_grad_()

@@ -157,7 +157,7 @@ def breakdown_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ours_head_loss(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from gptoss.model.loss import chunked_cross_entropy
+    from gptoss.model.kernels.head_loss import chunked_cross_entropy
 
     return chunked_cross_entropy(model.norm(x), model.lm_head.weight, targets)
 

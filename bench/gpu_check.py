@@ -7,8 +7,8 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
   environment  GPU, torch, CUDA; DeepSpeed installed from gpu_kit/wheels (`pip install --no-index
                --find-links`) where it is missing
   parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, forward and backward (each
-               against fp32 eager, next to bf16 eager's own error); the head loss: chunked, fused and (a liger_kernel
-               wheel in gpu_kit/wheels) liger vs plain cross-entropy, then their time and peak memory at nano's
+               against fp32 eager, next to bf16 eager's own error); the head loss: chunked and fused vs plain
+               cross-entropy, then their time and peak memory at nano's
                vocabulary (bench/bench_loss.py)
   data         gpu_kit/data's TinyStories .txt (a copy of ../shared/data/tinystories) tokenized with
                gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed
@@ -95,14 +95,14 @@ def export_and_greedy(ck: Check) -> None:
 
     from gptoss.export import export
     from gptoss.generate import generate, load_model
-    from gptoss.model import set_attention_impl
+    from gptoss.model import ModelOptions
     from gptoss.tokenizer import EOT_ID, encode
 
     t0 = time.perf_counter()
     out = export(need(ck, "run", "train"), ck.work / "export", dtype="fp32", progress=False, tokenizer="no")
     seconds = time.perf_counter() - t0
-    ours = load_model(out, ck.device, "fp32")
-    set_attention_impl(ours, "eager")  # the weights are under test here; the kernels had their own rows
+    # the weights are under test here; the kernels had their own rows
+    ours = load_model(out, ck.device, "fp32", options=ModelOptions(attention="eager"))
     ck.found["model"] = ours
     hf = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                         attn_implementation="eager").to(ck.device).eval()

@@ -1,9 +1,8 @@
-"""gpu_check's parity stages: FlexAttention with sinks against eager attention, and the head loss (chunked, fused,
-liger) against plain cross-entropy, in bf16; then the losses' time and peak memory."""
+"""gpu_check's parity stages: FlexAttention with sinks against eager attention, and the head loss (chunked,
+fused) against plain cross-entropy, in bf16; then the losses' time and peak memory."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from gpu_check_harness import Check, free_memory
@@ -20,14 +19,13 @@ def _errors(got: tuple[Any, list[Any]], ref: tuple[Any, list[Any]]) -> tuple[flo
 def attention_parity(ck: Check) -> None:
     import torch
 
-    from gptoss.model.attention import eager_attention, flex_attention_with_sinks
+    from gptoss.model.kernels.attention import eager_attention, flex_attention_with_sinks
 
     nkv, nh, T, d, window = ck.sizes.attn
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(2, n, T, d, generator=g) for n in (nh, nkv, nkv)] + [torch.randn(nh, generator=g)]
     grad_out = torch.randn(2, nh, T, d, generator=g).to(ck.device)
     backward = ck.device.type == "cuda"  # FlexAttention has no CPU backward
-    pos = torch.arange(T, device=ck.device)
     scale = d ** -0.5
     for w in (window, None):
         def run(kernel: str, dtype: torch.dtype, w: int | None = w) -> tuple[Any, list[Any]]:
@@ -35,7 +33,7 @@ def attention_parity(ck: Check) -> None:
             if kernel == "flex":
                 out = flex_attention_with_sinks(*ts, scale, w)
             else:
-                out = eager_attention(*ts, scale, w, pos, pos)
+                out = eager_attention(*ts, scale, w)
             grads = torch.autograd.grad((out.float() * grad_out).sum(), ts) if backward else []
             return out.detach().float(), [x.float() for x in grads]
 
@@ -56,8 +54,7 @@ def loss_parity(ck: Check) -> None:
     import torch
 
     n, hidden, vocab, chunk = ck.sizes.loss
-    liger_note = bench_loss.liger_status(ck.device, Path(ck.args.wheels), ck.work)
-    impls = ["plain", "chunked", "fused"] + ([] if liger_note else ["liger"])
+    impls = ["plain", "chunked", "fused"]
     ok, parts = True, []
     for rows in (vocab, vocab // 23):  # 201,088: the full vocabulary; 8,743: a data vocabulary and its tail row
         inputs = bench_loss.make_inputs(n, hidden, rows, ck.device)
@@ -84,7 +81,7 @@ def loss_parity(ck: Check) -> None:
     fused = timed["fused"]
     mem = f", {fused['extra'] / base['extra']:.2f}x its peak memory" if cuda else " (memory: n/a on CPU)"
     result = f"{'ok' if ok else 'FAIL'}: fused {base['best'] / fused['best']:.2f}x chunked's speed{mem}"
-    ck.add("head loss (chunked, fused, liger) vs plain cross-entropy, bf16", result,
+    ck.add("head loss (chunked, fused) vs plain cross-entropy, bf16", result,
            "; ".join(parts) + f"; pass: within 2x plain bf16's error + 1e-3. Forward + backward at {vocab:,} rows, "
            f"{n} tokens, hidden {hidden}, bf16 (best of {5 if cuda else 2}): " + ", ".join(map(cell, timed))
-           + (f"; liger: {liger_note}" if liger_note else "") + " (--loss_impl auto is fused on CUDA)")
+           + " (--loss_impl auto is fused on CUDA)")

@@ -51,8 +51,9 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     layer_types: list[str] = field(default_factory=list)
-    # The data vocabulary (gptoss.model.vocab): sorted full ids given their own rows; every other id shares one
-    # tail row. None = all vocab_size rows. vocab_size stays the semantic (exported) vocabulary either way.
+    # The data vocabulary (kept set: gptoss.data.vocab; head: gptoss.model.head): sorted full ids given their own
+    # rows; every other id shares one tail row. None = all vocab_size rows. vocab_size stays the semantic
+    # (exported) vocabulary either way.
     kept_ids: list[int] | None = None
 
     def __post_init__(self) -> None:

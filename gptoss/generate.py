@@ -11,7 +11,7 @@ Sampling: logits / temperature -> top-k -> top-p (nucleus), the order of transfo
 step, inverted through the CDF), so a seed gives the same tokens on CPU and GPU as long as the logits agree;
 seed None draws from torch's global CPU generator (`torch.manual_seed` applies).
 
-A run trained with a data vocabulary (`--vocab data`, `gptoss.model.vocab`) samples full-vocabulary ids: its
+A run trained with a data vocabulary (`--vocab data`, `gptoss.model.head`) samples full-vocabulary ids: its
 last-position logits are expanded to all 201,088 ids with the tail logit itself for every id outside the kept
 set (not plus ln N: the N equal logits together carry it), so softmax, top-k/top-p, sampling and greedy are
 exactly those of its export in transformers (greedy ties resolve to the lowest id in both).
@@ -22,12 +22,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
 from gptoss.errors import UserError
+
+if TYPE_CHECKING:
+    from gptoss.model import ModelOptions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,12 +66,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, stored:
     return DTYPES[dtype]
 
 
-def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], options: ModelOptions | None = None
+                          ) -> nn.Module:
     """Build on the meta device and adopt the given tensors (no random init of weights we replace)."""
-    from gptoss.model import build_model
+    from gptoss.model import ModelOptions, build_model
     from gptoss.model.layers import RotaryEmbedding
 
-    model = build_model(cfg, device="meta")
+    model = build_model(cfg, device="meta", options=options or ModelOptions())
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings and hasattr(model, "wte"):
         model.lm_head.weight = model.wte.weight  # assign=True replaced the shared Parameter by two
@@ -78,10 +83,11 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> n
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, *, tag: str | None = None,
-               master_weights: bool = False) -> nn.Module:
+               master_weights: bool = False, options: ModelOptions | None = None) -> nn.Module:
     """A model ready for `generate`, in eval mode, from an export dir (model.safetensors + gptoss_config.json,
     HF names with config.json or our own names without, see `gptoss.export.read_export`) or a run /
-    checkpoints / tag dir (consolidated in memory by `gptoss.checkpoint.read`, nothing written)."""
+    checkpoints / tag dir (consolidated in memory by `gptoss.checkpoint.read`, nothing written); `options` the
+    kernels it runs (`gptoss.model.ModelOptions`)."""
     from gptoss.checkpoint.read import load_state_dict
     from gptoss.export import CONFIG_NAME, HF_CONFIG_NAME, read_export
 
@@ -93,7 +99,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         cfg, state = load_state_dict(path, tag=tag, master_weights=master_weights)
     dev = resolve_device(device)
     stored = next(iter(state.values())).dtype
-    model = model_from_state_dict(cfg, state)
+    model = model_from_state_dict(cfg, state, options)
     return model.to(device=dev, dtype=resolve_dtype(dtype, dev, stored)).eval()
 
 
@@ -134,14 +140,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _has_cache(model: nn.Module) -> bool:
-    return hasattr(model, "new_caches")
-
-
 @torch.no_grad()
 def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -152,11 +150,11 @@ def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temp
     """
     if prompts.dim() != 2 or prompts.shape[1] == 0:
         raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
-    device = next(model.parameters()).device
-    seq = prompts.to(device)
+    param = next(model.parameters())
+    seq = prompts.to(param.device)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cached = use_cache and _has_cache(model)
-    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, _model_dtype(model), device) \
+    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
+    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, param.dtype, param.device) \
         if cached else None
     start, step_input = 0, seq
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -2,8 +2,8 @@
 `GptOssForCausalLM` (and `GPT2LMHeadModel` for the baseline).
 
 Our GPT-OSS keys equal HF's minus the `model.` prefix, except the experts: we keep one module per expert
-(`layers.N.mlp.deepspeed_moe.experts.deepspeed_experts.E.<name>`, DeepSpeed's layout, so ZeRO and
-expert checkpoints work) and HF stacks them (`model.layers.N.mlp.experts.<name>`, [E, ...]).
+(`gptoss.model.moe.expert_key`, DeepSpeed's layout, so ZeRO and expert checkpoints work) and HF stacks them
+(`model.layers.N.mlp.experts.<name>`, [E, ...]).
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from typing import Any
 import torch
 
 from gptoss.config import ModelConfig
+from gptoss.model.moe import EXPERT_KEY, expert_key
 from gptoss.tokenizer import BOS_ID, EOT_ID, RETURN_ID
 
-EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
-EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
 # Special ids as in the released configs (see gpt-oss-architecture.md): pad is <|endoftext|>, eos <|return|>.
 PAD_ID, EOS_ID = EOT_ID, RETURN_ID
-
-
-def expert_key(layer: int, expert: int, name: str) -> str:
-    return f"layers.{layer}.mlp.deepspeed_moe.experts.deepspeed_experts.{expert}.{name}"
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

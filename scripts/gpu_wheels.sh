@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fill gpu_kit/ (git-ignored) for bench/gpu_check.py on a GPU machine that cannot reach a package registry and
-# whose Python has torch (2.9+), transformers, tiktoken, safetensors and numpy, but not DeepSpeed. Run it here,
+# whose Python has torch (2.10+), transformers, tiktoken, safetensors and numpy, but not DeepSpeed. Run it here,
 # where pip reaches PyPI; then carry gpu_kit/ with the repository and run `python3 bench/gpu_check.py` there,
 # which installs from gpu_kit/wheels with `pip install --no-index --find-links` and reads gpu_kit/data.
 #
@@ -10,18 +10,13 @@
 #                   annotated-types, typing-inspection, typing-extensions), msgpack, psutil, ninja, einops, and
 #                   packaging and tqdm (transformers brings those two; carried in case). Versions: the ones
 #                   installed in this .venv, so the GPU runs what the tests ran.
-#                   Also liger-kernel (pure Python, ~1 MB; --loss_impl liger and the GPU check's loss row), on its
-#                   own with --no-deps: the GPU machine's torch brings the triton it needs. Version: LIGER (default
-#                   0.8.5, the release whose API gptoss/model/fused_loss.py was written against; not installed here,
-#                   it needs triton to import).
 #   gpu_kit/data    a copy of ../shared/data/tinystories (train.txt, valid.txt; 7 MB)
 #
 # Not carried: `datasets` (with pyarrow, dill, xxhash, multiprocess, fsspec, pandas, ...: over 60 MB) is only
 # for launch/prepare_data.py; the check tokenizes the .txt itself with gptoss.tokenizer (tiktoken).
 #
 # Environment: PY (a Python with torch and pip; default .venv/bin/python), TARGET_PY (the GPU machine's Python
-# version, default 3.12), SHARED_DATA (default ../shared/data/tinystories), KIT (default gpu_kit), LIGER (the
-# liger-kernel version, default 0.8.5; empty: none).
+# version, default 3.12), SHARED_DATA (default ../shared/data/tinystories), KIT (default gpu_kit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +24,6 @@ PY=${PY:-.venv/bin/python}
 TARGET_PY=${TARGET_PY:-3.12}
 KIT=${KIT:-gpu_kit}
 SHARED_DATA=${SHARED_DATA:-../shared/data/tinystories}
-LIGER=${LIGER-0.8.5}
 LIMIT_MIB=64  # what may travel to the GPU machine: the repository, the wheels and the data together
 
 version() {  # the version installed in $PY, or nothing
@@ -62,11 +56,6 @@ for tag in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux_
 done
 "$PY" -m pip download -q --only-binary=:all: --python-version "$TARGET_PY" --implementation cp \
     "${platforms[@]}" -d "$KIT/wheels" "${reqs[@]}"
-
-if [ -n "$LIGER" ]; then
-    echo "== downloading liger-kernel==$LIGER (no dependencies: torch and triton are the GPU machine's own)"
-    "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$KIT/wheels" "liger-kernel==$LIGER"
-fi
 
 if [ -f "$SHARED_DATA/train.txt" ] && [ -f "$SHARED_DATA/valid.txt" ]; then
     cp "$SHARED_DATA/train.txt" "$SHARED_DATA/valid.txt" "$KIT/data/"

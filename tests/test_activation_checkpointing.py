@@ -1,5 +1,5 @@
-"""Activation checkpointing per block (gptoss.model.checkpointing): the same loss and gradients, the same
-parameter names, and less memory held for the backward pass.
+"""Activation checkpointing per block (`ModelOptions.activation_checkpointing`): the same loss and gradients, the
+same parameter names and state dict, and less memory held for the backward pass.
 
 Memory on CPU is the process's peak RSS (VmHWM, reset after the model is built) in a fresh process with
 MALLOC_MMAP_THRESHOLD_ set, so that every activation is its own mapping and freeing it lowers the RSS at once
@@ -8,7 +8,6 @@ to within a few MiB between runs."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -19,8 +18,7 @@ import torch
 from conftest import REPO
 
 from gptoss.config import get_config
-from gptoss.model import activation_checkpointing_enabled, build_model, set_activation_checkpointing
-from gptoss.model.checkpointing import CheckpointedBlock, transformer_blocks
+from gptoss.model import ModelOptions, build_model
 
 PRESETS = ("tiny", "gpt2-tiny")
 
@@ -32,49 +30,25 @@ def loss_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     return loss.detach(), list(torch.autograd.grad(loss, params))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_same_loss_and_gradients_in_fp32(preset):
+def build(preset: str, checkpointing: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model(get_config(preset, vocab_size=512)).train()
+    return build_model(get_config(preset, vocab_size=512),
+                       options=ModelOptions(activation_checkpointing=checkpointing)).train()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_same_loss_gradients_names_and_state_dict(preset):
+    plain, checkpointed = build(preset, False), build(preset, True)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+    assert all(torch.equal(v, checkpointed.state_dict()[k]) for k, v in plain.state_dict().items())
     x = torch.randint(0, 512, (3, 41), generator=torch.Generator().manual_seed(1))  # longer than the window
-    ref_loss, ref_grads = loss_and_grads(model, x)
-    set_activation_checkpointing(model, True)
-    assert activation_checkpointing_enabled(model)
-    loss, grads = loss_and_grads(model, x)
+    ref_loss, ref_grads = loss_and_grads(plain, x)
+    loss, grads = loss_and_grads(checkpointed, x)
     assert torch.equal(loss, ref_loss)  # the recomputation repeats the same ops: bit for bit on CPU
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_names_state_dict_and_eval_path_are_unchanged(preset):
-    torch.manual_seed(0)
-    model = build_model(get_config(preset, vocab_size=512))
-    names = [n for n, _ in model.named_parameters()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randint(0, 512, (2, 20))
-    with torch.no_grad():
-        ref = model.eval()(x).logits
-    set_activation_checkpointing(model, True)
-    assert [n for n, _ in model.named_parameters()] == names
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with torch.no_grad():
-        assert torch.equal(model(x).logits, ref)  # eval / no grad: the block's own forward, nothing recorded
-    twin = copy.deepcopy(model)  # the class swap survives copies (no bound methods stored on instances)
-    assert activation_checkpointing_enabled(twin)
-    with torch.no_grad():
-        assert torch.equal(twin(x).logits, ref)
-    set_activation_checkpointing(model, False)
-    set_activation_checkpointing(model, False)  # idempotent
-    assert not activation_checkpointing_enabled(model)
-    assert not any(isinstance(b, CheckpointedBlock) for b in transformer_blocks(model))
-
-
-def test_unknown_block_types_are_refused():
-    model = torch.nn.Module()
-    model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-    with pytest.raises(TypeError, match="unknown block type Linear"):
-        set_activation_checkpointing(model, True)
+    with torch.no_grad():  # eval / no grad: the block's own forward, nothing recorded
+        assert torch.equal(checkpointed.eval()(x).logits, plain.eval()(x).logits)
 
 
 PEAK_WORKER = """
@@ -83,14 +57,13 @@ import torch
 sys.path.insert(0, {bench!r})
 import common
 from gptoss.config import get_config
-from gptoss.model import build_model, set_activation_checkpointing
+from gptoss.model import ModelOptions, build_model
 
 torch.set_num_threads(1)
 preset, enabled = sys.argv[1], sys.argv[2] == "1"
 cfg = get_config(preset, vocab_size=512, hidden_size=128, num_hidden_layers=8, max_position_embeddings=1024)
 torch.manual_seed(0)
-model = build_model(cfg).train()
-set_activation_checkpointing(model, enabled)
+model = build_model(cfg, options=ModelOptions(activation_checkpointing=enabled)).train()
 x = torch.randint(0, 512, (4, 1025), generator=torch.Generator().manual_seed(1))
 common.reset_peak_rss()
 before = common.rss_bytes()

@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, cpu_env, launch, ok, read_metrics, train_flags
 
 from gptoss.config import get_config
-from gptoss.model import build_model, set_attention_impl
-from gptoss.model.moe import MoEFeedForward, expert_counts
+from gptoss.model import ModelOptions, build_model
+from gptoss.model.moe import MoEFeedForward
 
 TINY = dict(vocab_size=512)
 
@@ -26,24 +26,17 @@ def loss_and_grads(model: torch.nn.Module, run: torch.nn.Module, x: torch.Tensor
 
 @pytest.mark.parametrize("attn", ["eager", "cpu"])
 def test_compiled_blocks_equal_eager_loss_and_gradients(attn):
-    """Each block compiled in place (what train.py --compile does), aot_eager: the same loss, counts and every
-    parameter's gradient as eager, for the eager and the banded/SDPA attention kernels."""
-    from gptoss.train.engine import compile_blocks
-
-    torch.manual_seed(0)
-    model = build_model(get_config("tiny", **TINY))
-    set_attention_impl(model, attn)
+    """Each block compiled in place by the builder (what train.py --compile does), aot_eager: the same loss,
+    counts and every parameter's gradient as eager, for the eager and the banded/SDPA attention kernels."""
     x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(1))
-    ref = loss_and_grads(model, model, x)
-    torch._dynamo.reset()
-    import os
-
-    os.environ["GPTOSS_COMPILE_BACKEND"] = "aot_eager"
-    try:
-        compile_blocks(model)
-    finally:
-        del os.environ["GPTOSS_COMPILE_BACKEND"]
-    got = loss_and_grads(model, model, x)
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        options = ModelOptions(attention=attn, compile=compile, compile_backend="aot_eager")
+        model = build_model(get_config("tiny", **TINY), options=options)
+        results.append(loss_and_grads(model, model, x))
+    ref, got = results
     assert torch.equal(got[1], ref[1])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-5)
@@ -75,8 +68,7 @@ def test_moe_layer_traces_fullgraph_and_matches_the_per_expert_loop():
 def test_block_graph_breaks_come_only_from_attention():
     """torch._dynamo.explain on one block: with eager attention, none at all (so none from the MoE or norms)."""
     torch.manual_seed(0)
-    model = build_model(get_config("tiny", **TINY))
-    set_attention_impl(model, "eager")
+    model = build_model(get_config("tiny", **TINY), options=ModelOptions(attention="eager"))
     block = model.layers[0]
     x = torch.randn(2, 16, model.config.hidden_size)
     pos = torch.arange(16)
@@ -97,11 +89,6 @@ def test_rotary_traces_fullgraph_and_equals_a_table():
     cos, sin = torch.compile(rot, fullgraph=True, backend="eager")(pos)
     assert torch.equal(cos, (freqs.cos() * rot.concentration)[pos])
     assert torch.equal(sin, (freqs.sin() * rot.concentration)[pos])
-
-
-def test_expert_counts_equal_bincount():
-    idx = torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(expert_counts(idx, 8), torch.bincount(idx, minlength=8))
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
 from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config, param_counts
 from gptoss.data import TokenDataset, kept_set, write_prepared
 from gptoss.data.sampler import whole_split_batches
+from gptoss.export.vocab import expand_state_dict
 from gptoss.generate import generate, load_model
 from gptoss.model import build_model
-from gptoss.model.vocab import expand_state_dict
 from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,6 @@ ENGINE_WRAPPER = """
 import json, os, sys
 from deepspeed.ops.op_builder.builder import OpBuilder
 import gptoss.train.loop as t  # the loop looks build_engine up in its own module
-from gptoss.model import activation_checkpointing_enabled
 
 report = {"op_loads": []}
 load = OpBuilder.load
@@ -44,7 +43,7 @@ def described(plan):
                   grad_accum_dtype=str(getattr(engine.optimizer, "gradient_accumulation_dtype", None)),
                   module_dtype=str(next(engine.module.parameters()).dtype),
                   accum=engine.gradient_accumulation_steps(),
-                  activation_checkpointing=activation_checkpointing_enabled(engine.module))
+                  activation_checkpointing=engine.module.options.activation_checkpointing)
     return engine
 t.build_engine = described
 from gptoss.train import arg_parser, args_from_namespace

@@ -20,6 +20,7 @@ import torch
 from conftest import REPO, launch, no_partial_dirs
 
 from gptoss.config import get_config
+from gptoss.errors import CheckpointError
 from gptoss.export import ExportError, export, load_state_dict, read_export, save_model
 from gptoss.generate import generate, load_model, model_from_state_dict
 from gptoss.model import build_model
@@ -310,7 +311,7 @@ def run_copy(run, tmp_path) -> Path:
 
 
 def test_missing_checkpoint_dir(tmp_path):
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         export(tmp_path / "nope", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -318,9 +319,9 @@ def test_missing_checkpoint_dir(tmp_path):
 def test_missing_latest_lists_the_tags(run_copy, tmp_path):
     tag = (run_copy / "checkpoints" / "latest").read_text().strip()
     (run_copy / "checkpoints" / "latest").unlink()
-    with pytest.raises(ExportError, match=f"no 'latest' file.*{tag}"):
+    with pytest.raises(CheckpointError, match=f"no 'latest' file.*{tag}"):
         export(run_copy, tmp_path / "out", progress=False)
-    with pytest.raises(ExportError, match="step99999999.*not found"):
+    with pytest.raises(CheckpointError, match="step99999999.*not found"):
         export(run_copy, tmp_path / "out", tag="step99999999", progress=False)
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
@@ -328,7 +329,7 @@ def test_missing_latest_lists_the_tags(run_copy, tmp_path):
 def test_missing_expert_file_is_named(run_copy, tmp_path):
     tag_dir = run_copy / "checkpoints" / (run_copy / "checkpoints" / "latest").read_text().strip()
     (tag_dir / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
-    with pytest.raises(ExportError, match=r"layer_1_expert_2_mp_rank_00_model_states.pt: expert file missing "
+    with pytest.raises(CheckpointError, match=r"layer_1_expert_2_mp_rank_00_model_states.pt: expert file missing "
                                           r"\(layer 1, expert 2\); found 7 of 8"):
         export(run_copy, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
@@ -336,15 +337,15 @@ def test_missing_expert_file_is_named(run_copy, tmp_path):
 
 def test_config_that_does_not_match_the_weights(run, tmp_path):
     wrong = get_config("tiny", vocab_size=512, intermediate_size=32)
-    with pytest.raises(ExportError, match=r"gate_up_proj has shape \[64, 128\], but the given config expects "
+    with pytest.raises(CheckpointError, match=r"gate_up_proj has shape \[64, 128\], but the given config expects "
                                           r"\[64, 64\]"):
         export(run, tmp_path / "out", config=wrong, progress=False)
-    with pytest.raises(ExportError, match=r"embed_tokens.weight has shape \[512, 64\].*expects \[1024, 64\]"):
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight has shape \[512, 64\].*expects \[1024, 64\]"):
         export(run, tmp_path / "out", config=get_config("tiny", vocab_size=1024), progress=False)
-    with pytest.raises(ExportError, match=r"num_experts per MoE layer is \[4, 4\].*expects \[8, 8\]"):
+    with pytest.raises(CheckpointError, match=r"num_experts per MoE layer is \[4, 4\].*expects \[8, 8\]"):
         export(run, tmp_path / "out", config=get_config("tiny", vocab_size=512, num_local_experts=8),
                progress=False)
-    with pytest.raises(ExportError, match=r"num_experts per MoE layer is \[4, 4\].*expects \[4, 4, 4\]"):
+    with pytest.raises(CheckpointError, match=r"num_experts per MoE layer is \[4, 4\].*expects \[4, 4, 4\]"):
         load_state_dict(run, config=get_config("tiny", vocab_size=512, num_hidden_layers=3))
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 

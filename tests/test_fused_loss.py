@@ -1,6 +1,6 @@
-"""The fused linear cross-entropy (gptoss.model.fused_loss) against its peers: the chunked loss it replaces on CUDA,
-plain F.cross_entropy of the full logits, and the full-vocabulary model behind the data vocabulary's tail row;
-what it keeps for backward; the --loss_impl switch from the model to launch/train.py."""
+"""The head's loss kernels beyond the table test of tests/test_kernels.py: bf16 against fp32, frozen inputs, no
+gradients wanted, all targets ignored, a whole model step fused vs chunked, and the --loss_impl choice from the
+model options to launch/train.py."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
 
 from gptoss.config import get_config
-from gptoss.errors import UserError
-from gptoss.model import build_model
-from gptoss.model.fused_loss import fused_linear_cross_entropy
-from gptoss.model.gptoss import head_loss
-from gptoss.model.loss import IGNORE_INDEX, chunked_cross_entropy, liger_available, resolve_loss_impl, set_loss_impl
-from gptoss.model.vocab import kept_set
+from gptoss.data import kept_set
+from gptoss.model import ModelOptions, build_model
+from gptoss.model.kernels.head_loss import (
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    fused_linear_cross_entropy,
+    loss_kernel,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,33 +44,9 @@ def loss_and_grads(fn, h, w, t, scale: float = 0.25):
     return [loss.detach().float()] + [g.float() for g in torch.autograd.grad(loss * scale, (h, w))]
 
 
-def full_vocab_reference(h, w, t, tail: bool):
-    """F.cross_entropy over all logits; with the tail, of the full-vocabulary model itself: TAIL_N equal rows (the
-    tail row, expanded: their gradients sum into it) and each tail target one of those ids."""
-    if not tail:
-        return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=IGNORE_INDEX)
-    full_w = torch.cat([w[:-1], w[-1:].expand(TAIL_N, -1)])
-    full_t = torch.where(t == ROWS - 1, ROWS - 1 + torch.arange(TOKENS) % TAIL_N, t)
-    return F.cross_entropy(F.linear(h, full_w).float(), full_t, ignore_index=IGNORE_INDEX)
-
-
 def close(got, ref, rtol: float, atol: float) -> None:
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("tail", [False, True], ids=["full", "tail"])
-@pytest.mark.parametrize("chunk", [7, 16, TOKENS, None])  # 7 and 16 do not divide 40; None: the default
-def test_fused_equals_chunked_and_plain_in_fp32(chunk, tail):
-    h, w, t = inputs(tail=tail)
-    assert (t == IGNORE_INDEX).any() and (not tail or (t == ROWS - 1).any())
-    lt = math.log(TAIL_N) if tail else None
-    fused = loss_and_grads(lambda *a: fused_linear_cross_entropy(*a, chunk_tokens=chunk, log_tail_size=lt), h, w, t)
-    chunked = loss_and_grads(lambda *a: chunked_cross_entropy(*a, chunk_tokens=chunk, log_tail_size=lt), h, w, t)
-    plain = loss_and_grads(lambda *a: full_vocab_reference(*a, tail), h, w, t)
-    close(fused, chunked, rtol=1e-6, atol=1e-6)
-    close(fused, plain, rtol=1e-6, atol=1e-6)
-    assert fused[1].abs().max() > 1e-3 and fused[2].abs().max() > 1e-3  # gradients that say something
 
 
 def test_batched_hidden_and_a_frozen_input():
@@ -99,33 +76,13 @@ def test_bf16_within_bf16_tolerance_of_fp32(tail):
         assert fused <= 2e-2 and fused <= 2 * chunked + 2e-3, errors
 
 
-def saved_shapes(fn) -> list[tuple[int, ...]]:
-    """The shapes autograd keeps for backward while fn runs (saved_tensors_hooks sees every one)."""
-    shapes: list[tuple[int, ...]] = []
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        shapes.append(tuple(x.shape))
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        fn()
-    return shapes
-
-
-def test_saves_no_logits_for_backward():
-    h, w, t = inputs(tail=True)
-    fused = saved_shapes(lambda: fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0))
-    assert sorted(fused) == sorted([(), (ROWS, HIDDEN), (TOKENS, HIDDEN)])
-    # the hook does see logits where they are kept: the chunked loss in one chunk saves [tokens x vocab]
-    assert any(math.prod(s) >= TOKENS * ROWS for s in saved_shapes(lambda: chunked_cross_entropy(h, w, t)))
-
-
 def test_without_gradients_only_the_loss():
     h, w, t = inputs(tail=True)
     ref = fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0)
+    shapes = []
     with torch.no_grad():
-        shapes = saved_shapes(lambda: fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0))
-        loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0)
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: shapes.append(x.shape) or x, lambda x: x):
+            loss = fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0)
     frozen = fused_linear_cross_entropy(h.detach(), w.detach(), t, chunk_tokens=16, log_tail_size=1.0)
     assert shapes == [] and loss.grad_fn is None and frozen.grad_fn is None
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-6)
@@ -136,29 +93,6 @@ def test_all_ignored_gives_zero_loss_and_gradients():
     h, w, t = inputs()
     loss, dh, dw = loss_and_grads(fused_linear_cross_entropy, h, w, torch.full_like(t, IGNORE_INDEX))
     assert loss.item() == 0 and not dh.any() and not dw.any()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tail_columns_add_ln_n_to_the_tail_row_without_a_shift(dtype):
-    """The liger path's tail (CUDA only, so its input transform is checked here): hidden' @ weight'.T is the logits
-    plus ln N on the last row alone; in bf16 the tail logit is only rounded once, with no common shift, where a
-    bf16 bias of ln N would move every token's tail logit by the same 0.0197."""
-    from gptoss.model.fused_loss import with_tail_columns
-
-    g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(4096, HIDDEN, generator=g).to(dtype), (torch.randn(ROWS, HIDDEN, generator=g) * 0.5).to(dtype)
-    lt = math.log(192489)  # a data vocabulary's tail of the 201,088 ids
-    h2, w2 = with_tail_columns(h, w, lt)
-    assert h2.shape == (4096, HIDDEN + 8) and w2.shape == (ROWS, HIDDEN + 8) and h2.dtype == w2.dtype == dtype
-    exact = h.double() @ w.double().t()
-    exact[:, -1] += lt
-    err = F.linear(h2, w2).double() - exact
-    if dtype == torch.float32:
-        assert err.abs().max() < 1e-5
-    else:
-        assert err[:, :-1].abs().max() <= 2**-8 * exact[:, :-1].abs().max()  # bf16 rounding of a logit, once
-        assert err[:, -1].abs().max() <= 2**-8 * exact[:, -1].abs().max()
-        assert abs(err[:, -1].mean()) < 2e-3 < abs(torch.tensor(lt, dtype=dtype).item() - lt)
 
 
 def mixed_targets(kept: list[int] | None, vocab: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
@@ -177,13 +111,12 @@ def test_one_model_step_fused_equals_chunked(name, data_vocab):
     vocab = 512
     kept = kept_set(torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:60].tolist(), vocab) \
         if data_vocab else None
-    torch.manual_seed(0)
-    model = build_model(get_config(name, vocab_size=vocab, kept_ids=kept)).train()
     ids, targets = mixed_targets(kept, vocab, (2, 24), 1), mixed_targets(kept, vocab, (2, 24), 2)
     targets[0, :3] = IGNORE_INDEX
     results = {}
     for impl in ("chunked", "fused"):
-        set_loss_impl(model, impl)
+        torch.manual_seed(0)
+        model = build_model(get_config(name, vocab_size=vocab, kept_ids=kept), options=ModelOptions(loss=impl)).train()
         out = model(ids, targets)
         loss = out.loss * 0.25 + out.aux_loss
         results[impl] = [out.loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters())))
@@ -191,44 +124,20 @@ def test_one_model_step_fused_equals_chunked(name, data_vocab):
 
 
 def test_auto_is_fused_on_cuda_and_chunked_elsewhere():
-    assert resolve_loss_impl("auto", torch.device("cpu")) == "chunked"
-    assert resolve_loss_impl("auto", torch.device("cuda")) == "fused"
-    assert resolve_loss_impl("fused", torch.device("cpu")) == "fused"
-    model = build_model(get_config("tiny", vocab_size=64))
-    assert not hasattr(model, "loss_impl")  # auto unless set
-    model.loss_impl = "bogus"  # head_loss's argument comes before the model's switch
+    assert loss_kernel("auto", torch.device("cpu")) is chunked_cross_entropy
+    assert loss_kernel("auto", torch.device("cuda")) is fused_linear_cross_entropy
+    assert loss_kernel("fused", torch.device("cpu")) is fused_linear_cross_entropy
+    model = build_model(get_config("tiny", vocab_size=64), options=ModelOptions(loss="fused"))
     x, t = torch.randn(1, 3, model.config.hidden_size), torch.zeros(1, 3, dtype=torch.long)
-    assert head_loss(model, x, t, loss_impl="fused").item() == pytest.approx(math.log(64), rel=0.2)
-    with pytest.raises(UserError, match="bogus"):
-        head_loss(model, x, t)
-
-
-def test_unknown_or_unavailable_impl_is_a_user_error():
-    model = build_model(get_config("tiny", vocab_size=64))
-    with pytest.raises(UserError, match="loss implementation=fast: expected one of auto, chunked, fused, liger"):
-        set_loss_impl(model, "fast")
-    h, w, t = inputs()
-    with pytest.raises(UserError, match="expected one of auto, chunked, fused, liger"):
-        head_loss(model, h, t, loss_impl="fast")
-    if liger_available():
-        pytest.skip("liger-kernel is installed here")
-    with pytest.raises(UserError, match="needs liger-kernel, which is not installed"):
-        set_loss_impl(model, "liger")
-    from gptoss.model.fused_loss import liger_linear_cross_entropy
-
-    with pytest.raises(UserError, match="needs liger-kernel"):
-        liger_linear_cross_entropy(h, w, t)
+    assert model.head.loss(x, model.lm_head.weight, t).item() == pytest.approx(math.log(64), rel=0.2)
 
 
 def test_train_flag_errors_are_one_line(capsys, monkeypatch, tiny_data, tmp_path):
     line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", loss_impl="fast")
-    assert line == "train.py: error: --loss_impl=fast: expected one of auto, chunked, fused, liger"
+    assert line == "train.py: error: --loss_impl=fast: expected one of auto, chunked, fused"
     from gptoss.train import arg_parser
 
     assert "--loss_impl" in arg_parser().format_help() and "fused on CUDA" in arg_parser().format_help()
-    if not liger_available():
-        line = call_main(capsys, monkeypatch, tiny_data, tmp_path / "out", loss_impl="liger")
-        assert line.startswith("train.py: error: --loss_impl=liger needs liger-kernel, which is not installed")
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ import torch
 from conftest import REPO, launch, ok, read_metrics, train_flags
 
 from gptoss.config import get_config
-from gptoss.model import build_model, set_activation_checkpointing, set_attention_impl
-from gptoss.model.attention import eager_attention, flex_attention_with_sinks
+from gptoss.model import ModelOptions, build_model
+from gptoss.model.kernels.attention import eager_attention, flex_attention_with_sinks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -37,12 +37,11 @@ def test_flex_attention_with_sinks_forward_and_backward_match_eager_in_bf16(wind
     shapes = [(2, 8, 1024, 64), (2, 1, 1024, 64), (2, 1, 1024, 64), (8,)]
     base = [torch.randn(*s, generator=g) for s in shapes]
     grad_out = torch.randn(2, 8, 1024, 64, generator=g).cuda()
-    pos = torch.arange(1024, device="cuda")
 
     def forward_backward(flex: bool, dtype: torch.dtype) -> list[torch.Tensor]:
         q, k, v, sinks = (t.cuda().to(dtype).requires_grad_() for t in base)
         out = (flex_attention_with_sinks(q, k, v, sinks, 0.125, window) if flex else
-               eager_attention(q, k, v, sinks, 0.125, window, pos, pos))
+               eager_attention(q, k, v, sinks, 0.125, window))
         out.float().backward(grad_out)
         return [out.detach().float()] + [t.grad.float() for t in (q, k, v, sinks)]
 
@@ -110,9 +109,7 @@ def test_activation_checkpointing_lowers_peak_gpu_memory():
     results = []
     for enabled in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg).cuda().train()
-        set_attention_impl(model, "auto")
-        set_activation_checkpointing(model, enabled)
+        model = build_model(cfg, options=ModelOptions(activation_checkpointing=enabled)).cuda().train()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -130,17 +127,15 @@ def test_activation_checkpointing_lowers_peak_gpu_memory():
 @pytest.mark.parametrize("rows", [201088, 8600], ids=["full-vocab", "data-vocab"])
 def test_fused_loss_matches_chunked_on_cuda_in_bf16(rows):
     """nano's head on CUDA in bf16 (4,096 tokens, hidden 512; 8,600 rows: a data vocabulary and its tail): the fused
-    loss (and liger-kernel's where installed) is as close to all-logits fp32 as the chunked loss is, for the loss
+    loss is as close to all-logits fp32 as the chunked loss is, for the loss
     and both gradients, with grad_output 0.5; at the full vocabulary (several chunks) it also peaks lower."""
     import sys
 
     sys.path.insert(0, str(REPO / "bench"))
     import bench_loss
 
-    from gptoss.model.loss import liger_available
-
     inputs = bench_loss.make_inputs(4096, 512, rows, "cuda")
-    impls = ["plain", "chunked", "fused"] + (["liger"] if liger_available() else [])
+    impls = ["plain", "chunked", "fused"]
     err = bench_loss.parity(impls, torch.bfloat16, *inputs)
     for impl in impls[2:]:
         for got, chunked in zip(err[impl], err["chunked"]):

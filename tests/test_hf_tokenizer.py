@@ -17,6 +17,8 @@ import torch
 from conftest import REPO, no_partial_dirs
 
 from gptoss import hf_tokenizer
+from gptoss.checkpoint.layout import write_train_state
+from gptoss.checkpoint.manifest import MANIFEST, merge
 from gptoss.config import get_config
 from gptoss.data.synthetic import generate_corpus
 from gptoss.errors import UserError
@@ -266,6 +268,9 @@ def fake_checkpoint(model: torch.nn.Module, run: Path) -> Path:
             per_file.setdefault((layers.index(int(m[1])), int(m[2])), {})[k] = v
     for (moe_layer, e), part in per_file.items():
         torch.save(part, tag / f"layer_{moe_layer}_expert_{e}_mp_rank_00_model_states.pt")
+    write_train_state(tag, {"step": 1, "model_config": model.config.to_dict(), "world_size": 1, "ep_size": 1,
+                            "train_batch_size": 1, "seq_len": 8, "story_aware": False, "parent": None,
+                            MANIFEST: merge(tag, [])})
     return run
 
 

@@ -1,10 +1,8 @@
 """Story-aware attention: no query sees across <|endoftext|>, rotary positions restart at each story.
 
-The reference is written from the per-token definition (a loop finds each token's story start; float64
-softmax with the sink), independently of `Segments`. Every kernel must equal it, outputs and gradients, on a
-batch whose rows mix stories of many lengths: one longer than the window, single-token stories (EOT right
-after EOT), a window starting mid-story, rows with different boundaries, GQA. The whole models must equal
-themselves run on each story alone.
+`Segments` against the per-token definition (a loop finds each token's story start), its SDPA packing, and the
+whole models against themselves run on each story alone. Each kernel with stories against the float64 formula
+is in tests/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -13,79 +11,15 @@ import math
 
 import pytest
 import torch
+from test_kernels import EOT, ROWS, assert_same, qkv, story_starts, story_tokens
+from test_kernels import reference_attention as reference
 
 from gptoss.config import get_config
-from gptoss.model import Segments, build_model, set_attention_impl
-from gptoss.model.attention import (
-    banded_sliding_attention,
-    eager_attention,
-    flex_attention_with_sinks,
-    per_story_attention,
-    sink_sdpa_attention,
-)
+from gptoss.model import ModelOptions, Segments, build_model
+from gptoss.model.kernels.attention import flex_attention_with_sinks, per_story_attention, sink_sdpa_attention
 
-EOT, VOCAB = 0, 512
-WINDOW = 8
-# Per row: tokens before the first EOT (the window starts mid-story), then story lengths (each starts with EOT).
-ROWS = [
-    (5, [20, 1, 1, 9, 12]),  # mid-story start; a story longer than W; two single-token stories
-    (0, [3, 30, 14, 1]),  # EOT at position 0; the longest story; the window ends on an EOT
-    (48, []),  # no EOT at all: one story, the plain causal case
-    (0, [1] * 6 + [42]),  # single-token stories in a row, then a long one
-]
+VOCAB = 512
 T, N_ROWS = 48, len(ROWS)
-
-
-def story_tokens(rows=ROWS, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for head, stories in rows:
-        row = torch.randint(1, VOCAB, (head,), generator=g).tolist()
-        for n in stories:
-            row += [EOT] + torch.randint(1, VOCAB, (n - 1,), generator=g).tolist()
-        out.append(row)
-    assert len({len(row) for row in out}) == 1, "rows of one batch have one length"
-    return torch.tensor(out)
-
-
-def story_starts(ids: torch.Tensor) -> torch.Tensor:
-    """(B, T): index of the first token of each token's story, by walking the row."""
-    starts = []
-    for row in ids.tolist():
-        s, row_starts = 0, []
-        for t, tok in enumerate(row):
-            if tok == EOT:
-                s = t
-            row_starts.append(s)
-        starts.append(row_starts)
-    return torch.tensor(starts)
-
-
-def reference(q, k, v, sinks, window, ids):
-    """p_ts = exp(s_ts) / (exp(sink_h) + sum exp(s_ts')) over keys s of t's story with s <= t (t - s < W)."""
-    B, nh, T, d = q.shape
-    k = k.repeat_interleave(nh // k.shape[1], 1)
-    v = v.repeat_interleave(nh // v.shape[1], 1)
-    s = q @ k.transpose(-1, -2) / math.sqrt(d)
-    start = story_starts(ids)
-    t_idx, s_idx = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    ok = (start[:, :, None] == start[:, None, :]) & (s_idx <= t_idx)
-    if window is not None:
-        ok &= t_idx - s_idx < window
-    e = torch.where(ok[:, None].to(s.device), s.exp(), s.new_zeros(()))
-    return (e / (sinks.view(1, -1, 1, 1).exp() + e.sum(-1, keepdim=True))) @ v
-
-
-def qkv(B=N_ROWS, nh=4, nkv=2, T=T, d=8, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, nh, T, d), (B, nkv, T, d), (B, nkv, T, d), (nh,)]
-    return [torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
-
-
-def assert_same(got, ref, inputs, **tol):
-    torch.testing.assert_close(got, ref, **tol)
-    for a, b in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
-        torch.testing.assert_close(a, b, **tol)
 
 
 def test_segments_follow_the_definition():
@@ -108,33 +42,6 @@ def test_packing_is_linear_and_covers_every_token_once():
     assert torch.equal(real.sort().values, torch.arange(seg.positions.numel()))
 
 
-@pytest.mark.parametrize("window", [None, 1, 5, WINDOW, 16])
-def test_eager_with_stories_equals_reference(window):
-    ids, (q, k, v, s) = story_tokens(), qkv()
-    seg = Segments.from_tokens(ids, EOT)
-    got = eager_attention(q, k, v, s, 1 / math.sqrt(8), window, seg.positions, seg.positions, seg.doc_ids,
-                          seg.doc_ids)
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-    index_pos = torch.arange(T)  # index positions give the same mask: inside a story they differ alike
-    got = eager_attention(q, k, v, s, 1 / math.sqrt(8), window, index_pos, index_pos, seg.doc_ids, seg.doc_ids)
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-
-
-@pytest.mark.parametrize("window", [1, 5, WINDOW, 16, 20])
-@pytest.mark.parametrize("nkv", [1, 2, 4])
-def test_banded_with_stories_equals_reference(window, nkv):
-    ids, (q, k, v, s) = story_tokens(), qkv(nkv=nkv)
-    got = banded_sliding_attention(q, k, v, s, 1 / math.sqrt(8), window, Segments.from_tokens(ids, EOT))
-    assert_same(got, reference(q, k, v, s, window, ids), (q, k, v, s))
-
-
-@pytest.mark.parametrize("nkv", [1, 2, 4])
-def test_full_layer_sdpa_with_stories_equals_reference(nkv):
-    ids, (q, k, v, s) = story_tokens(), qkv(nkv=nkv)
-    got = sink_sdpa_attention(q, k, v, s, 1 / math.sqrt(8), Segments.from_tokens(ids, EOT))
-    assert_same(got, reference(q, k, v, s, None, ids), (q, k, v, s))
-
-
 def test_per_story_attention_equals_one_call_per_story():
     ids, (q, k, v, s) = story_tokens(seed=3), qkv(seed=3)
     got = per_story_attention(lambda *t: sink_sdpa_attention(*t, s, 0.3), q, k, v, Segments.from_tokens(ids, EOT))
@@ -153,19 +60,6 @@ def flex_case(seed: int = 0):
     return ids, q, k, v, s
 
 
-@pytest.mark.parametrize("window", [None, 16, 128])
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_forward_with_stories_equals_reference(window):
-    """FlexAttention has no CPU backward; its forward with the document block mask is checked here."""
-    ids, q, k, v, s = flex_case()
-    seg = Segments.from_tokens(ids, EOT)
-    with torch.no_grad():
-        got = flex_attention_with_sinks(q, k, v, s, 0.25, window, seg)
-        ref = reference(q.double(), k.double(), v.double(), s.double(), window, ids).float()
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    assert seg.block_mask(window) is seg.block_mask(window)  # built once, shared by the layers of a forward
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backward needs CUDA")
 @pytest.mark.parametrize("window", [None, 16])
@@ -177,35 +71,9 @@ def test_flex_backward_with_stories_on_gpu(window):
     assert_same(got, ref, (q, k, v, s), atol=2e-4, rtol=1e-3)
 
 
-def largest_saved_numel(kernel, *inputs) -> int:
-    """Elements of the largest tensor autograd saves for kernel(*inputs), forward and backward."""
-    sizes = [0]
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-        kernel(*inputs).sum().backward()
-    return max(sizes)
-
-
-@pytest.mark.parametrize("kernel", [
-    lambda q, k, v, seg: banded_sliding_attention(q, k, v, torch.zeros(2), 0.35, 16, seg),
-    lambda q, k, v, seg: sink_sdpa_attention(q, k, v, torch.zeros(2), 0.35, seg),
-], ids=["banded", "sdpa"])
-def test_story_kernels_memory_is_linear_in_length(kernel):
-    """The story mask is per row but stays a band, and the packed stories at most double the tokens:
-    doubling T doubles the largest saved tensor."""
-    sizes = []
-    for n in (256, 512):
-        ids = torch.randint(0, 20, (1, n), generator=torch.Generator().manual_seed(n))  # EOT about every 20
-        g = torch.Generator().manual_seed(1)
-        q, k, v = (torch.randn(1, h, n, 8, generator=g, requires_grad=True) for h in (2, 1, 1))
-        sizes.append(largest_saved_numel(kernel, q, k, v, Segments.from_tokens(ids, EOT)))
-    assert sizes[1] <= 2.1 * sizes[0]
-
-
 def model_and_ids(preset: str, impl: str = "cpu"):
     torch.manual_seed(0)
-    model = build_model(get_config(preset, vocab_size=VOCAB)).eval()
-    if impl != "cpu":
-        set_attention_impl(model, impl)
+    model = build_model(get_config(preset, vocab_size=VOCAB), options=ModelOptions(attention=impl)).eval()
     return model, story_tokens(seed=1)
 
 
@@ -223,7 +91,7 @@ def test_model_with_stories_equals_each_story_alone(preset, impl):
                 alone = model(ids[b:b + 1, a:e]).logits
                 torch.testing.assert_close(packed[b:b + 1, a:e], alone, atol=1e-5, rtol=1e-5)
         plain = model(ids).logits
-    assert not torch.allclose(packed, plain, atol=1e-3)  # the stories did see each other before
+    assert not torch.allclose(packed, plain, atol=1e-3)  # without eot_id the stories see each other
 
 
 def test_rotary_positions_restart_at_each_story():
@@ -243,16 +111,15 @@ def test_rotary_positions_restart_at_each_story():
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_model_flex_forward_with_stories_equals_cpu_kernels():
-    model, ids = model_and_ids("tiny", "flex")
+    (flex_model, ids), (cpu_model, _) = model_and_ids("tiny", "flex"), model_and_ids("tiny", "cpu")
     with torch.no_grad():
-        flex = model(ids, eot_id=EOT).logits
-        set_attention_impl(model, "cpu")
-        torch.testing.assert_close(flex, model(ids, eot_id=EOT).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flex_model(ids, eot_id=EOT).logits, cpu_model(ids, eot_id=EOT).logits,
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "gpt2-tiny"])
 def test_without_eot_id_nothing_changes(preset):
-    """eot_id=None is the old single causal sequence per row (the default of every existing caller); a window
+    """eot_id=None is one causal sequence per row (decoding, and callers that pass no eot_id); a window
     with no EOT in it gives the same logits through the story kernels."""
     model, ids = model_and_ids(preset)
     no_eot = ids.clamp(min=1)
@@ -263,13 +130,10 @@ def test_without_eot_id_nothing_changes(preset):
 
 
 def test_loss_with_stories_agrees_between_cpu_and_eager_kernels():
-    model, ids = model_and_ids("tiny")
-    model.train()
-    targets = ids.roll(-1, dims=1)
     results = []
     for impl in ("cpu", "eager"):
-        set_attention_impl(model, impl)
-        out = model(ids, targets=targets, eot_id=EOT)
+        model, ids = model_and_ids("tiny", impl)
+        out = model.train()(ids, targets=ids.roll(-1, dims=1), eot_id=EOT)
         assert torch.isfinite(out.loss)
         results.append((out.loss, torch.autograd.grad(out.loss, list(model.parameters()))))
     (cpu_loss, cpu_grads), (eager_loss, eager_grads) = results

@@ -5,7 +5,7 @@
 - `compare`: train several models with the real trainer on the same data, budget and schedule, then plot
   and tabulate them.
 - `experts`: tokens per expert per layer, from a run's metrics or by running a model on text.
-- `attention`: per-head attention probabilities and sink mass, recomputed with the eager formula.
+- `attention`: per-head attention probabilities and sink mass, recomputed with the model's reference math.
 - `report`: parameters, KV-cache bytes and FLOPs per token, all from `gptoss.config` arithmetic.
 - `plots`: the matplotlib (Agg, PNG) figures of all of the above.
 - `loading`: a trained model from an export or run dir, prompts as token ids (for the commands).

@@ -1,12 +1,10 @@
 """Per-head attention probabilities and sink mass of a GPT-OSS model on one prompt.
 
-The training kernels never materialise probabilities (banded / SDPA / flex), so they are recomputed here
-with the eager formula of the spec: `p_ij = exp(s_ij) / (exp(sink_h) + sum_k exp(s_ik))`, with s = q k^T
-/ sqrt(d) over the causal (or sliding-window) keys. The inputs are captured with a forward pre-hook on each
-attention module (its normed hidden states and the model's own cos/sin), and q, k come from the module's
-own projections and `apply_rotary`, so the maps are those of the model, not of a re-derivation. The sink's
-share is the probability of the extra column, `exp(sink_h) / (exp(sink_h) + sum_k exp(s_ik))`: how much of
-each query's attention goes nowhere.
+The training kernels never materialise probabilities, so they are recomputed here with the model's own
+reference math: each attention module's inputs are captured with a forward pre-hook (its normed hidden states
+and the model's cos/sin), q and k come from the module's `qkv`, and the probabilities from
+`gptoss.model.attention.attention_probs` with the layer's `attention_mask`. The sink's share is the extra
+column, `exp(sink_h) / (exp(sink_h) + sum_k exp(s_ik))`: how much of each query's attention goes nowhere.
 """
 
 from __future__ import annotations
@@ -50,28 +48,11 @@ def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
     return cfg
 
 
-def eager_probabilities(q: torch.Tensor, k: torch.Tensor, sinks: torch.Tensor, scale: float,
-                        window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities (B, heads, T, T) and sink share (B, heads, T) for q (B, heads, T, d), k (B, kv, T, d)."""
-    n_heads, n_kv, T = q.shape[1], k.shape[1], q.shape[2]
-    k = k.repeat_interleave(n_heads // n_kv, dim=1)  # query head h reads kv head h // (heads / kv)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    pos = torch.arange(T, device=q.device)
-    rel = pos[:, None] - pos[None, :]
-    allowed = rel >= 0
-    if window is not None:
-        allowed &= rel < window  # W keys including itself
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-    full = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
-    return full[..., :-1], full[..., -1]
-
-
 @torch.no_grad()
 def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
                    ) -> list[AttentionMap]:
     """Attention maps of the given layers (default: first sliding and first full) for one prompt (1, T)."""
-    from gptoss.model.layers import apply_rotary
+    from gptoss.model.attention import attention_mask, attention_probs
 
     cfg = _config(model)
     layers = default_layers(model) if layers is None else layers
@@ -84,7 +65,7 @@ def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] 
         raise AnalysisError(f"one prompt at a time (got a batch of {input_ids.shape[0]})")
     captured: dict[int, tuple[torch.Tensor, ...]] = {}
     hooks = [model.layers[i].self_attn.register_forward_pre_hook(
-        lambda mod, args, i=i: captured.__setitem__(i, args[:3])) for i in layers]
+        lambda mod, args, i=i: captured.__setitem__(i, args[:4])) for i in layers]
     was_training = model.training
     try:
         model.eval()
@@ -96,13 +77,11 @@ def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] 
     maps = []
     for i in layers:
         attn = model.layers[i].self_attn
-        x, cos, sin = captured[i]
-        B, T, _ = x.shape
-        q = apply_rotary(attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rotary(attn.k_proj(x).view(B, T, attn.n_kv, attn.head_dim), cos, sin).transpose(1, 2)
-        probs, sink = eager_probabilities(q, k, attn.sinks, attn.scale, attn.window)
+        x, cos, sin, positions = captured[i]
+        q, k, _ = attn.qkv(x, cos, sin)
+        full = attention_probs(q, k, attn.sinks, attn.scale, attention_mask(positions, positions, attn.window))
         maps.append(AttentionMap(layer=i, kind=cfg.layer_types[i], window=attn.window,
-                                 probs=probs[0].cpu(), sink=sink[0].cpu()))
+                                 probs=full[0, ..., :-1].cpu(), sink=full[0, ..., -1].cpu()))
     return maps
 
 

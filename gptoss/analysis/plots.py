@@ -15,7 +15,6 @@ import numpy as np
 from gptoss.analysis.units import BYTES, COUNT, FLOPS, scaled
 
 if TYPE_CHECKING:
-    from gptoss.analysis.attention import AttentionMap
     from gptoss.analysis.runs import Run
 
 
@@ -136,9 +135,10 @@ def plot_expert_counts(counts: np.ndarray, path: str | Path, title: str = "") ->
 
 # ---- attention ---------------------------------------------------------------------------------------
 
-def plot_attention(maps: list[AttentionMap], path: str | Path, tokens: list[str] | None = None,
+def plot_attention(maps: list[Any], path: str | Path, tokens: list[str] | None = None,
                    title: str = "") -> Path:
-    """Per layer one row of per-head maps (query rows, key columns, sqrt colour scale so small
+    """`gptoss.analysis.attention.AttentionMap`s (not imported: that module draws through this one).
+    Per layer one row of per-head maps (query rows, key columns, sqrt colour scale so small
     probabilities stay visible), and a last row with each head's mean probability on its sink."""
     from matplotlib.colors import PowerNorm
 

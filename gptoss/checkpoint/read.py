@@ -43,7 +43,7 @@ from gptoss.checkpoint.layout import (
 from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import CheckpointError
-from gptoss.hf import EXPERT_KEY, EXPERT_PARAMS, expert_key
+from gptoss.model.moe import EXPERT_KEY, EXPERT_PARAMS, expert_key
 
 # ---- locating the checkpoint and its config --------------------------------------------------------------
 

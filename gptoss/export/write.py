@@ -37,6 +37,7 @@ from gptoss.config import ModelConfig
 from gptoss.errors import ExportError
 from gptoss.export.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, HF_CONFIG_NAME
 from gptoss.export.shards import ShardWriter, parse_size
+from gptoss.export.vocab import expand_state_dict
 from gptoss.hf import hf_config, hf_generation_config, hf_incompatibility, to_hf_state_dict
 from gptoss.hf_tokenizer import tokenizer_files_wanted, write_tokenizer_files
 
@@ -110,9 +111,7 @@ def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out
 
     A data-vocabulary model (`cfg.kept_ids`) is written as the standard full-vocabulary model it equals: each id
     outside the kept set gets the tail row in the unembedding and the shared row in the embedding
-    (`gptoss.model.vocab.expand_state_dict`), and the configs have no kept_ids."""
-    from gptoss.model.vocab import expand_state_dict  # lazily: gptoss.model imports DeepSpeed
-
+    (`gptoss.export.vocab.expand_state_dict`), and the configs have no kept_ids."""
     out = Path(out)
     trained_cfg, cfg = cfg, cfg.exported()
     _check_out(out, overwrite)

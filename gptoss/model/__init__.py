@@ -6,36 +6,30 @@ import torch
 from torch import nn
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import KVCache, Segments
-from gptoss.model.checkpointing import activation_checkpointing_enabled, set_activation_checkpointing
+from gptoss.model.attention import KVCache
 from gptoss.model.gpt2 import GPT2
 from gptoss.model.gptoss import GptOss, ModelOutput
+from gptoss.model.kernels.attention import ATTENTION_IMPLS, Segments
 from gptoss.model.moe import MoEFeedForward, validate_parallelism
+from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
-def build_model(cfg: ModelConfig, ep_size: int = 1, device: torch.device | str | None = None) -> nn.Module:
-    """Build and initialise a model from torch's global RNG (call `torch.manual_seed` first).
+def build_model(cfg: ModelConfig, ep_size: int = 1, device: torch.device | str | None = None,
+                options: ModelOptions = DEFAULT_OPTIONS) -> nn.Module:
+    """Build and initialise a model from torch's global RNG (call `torch.manual_seed` first), its kernels,
+    activation checkpointing and compilation as `options` say.
 
     The same seed gives the same full weights for any ep_size (each rank keeps its experts' slice).
     On the meta device nothing is allocated or initialised (for counting the 20b/120b presets).
     """
     with torch.device(device or "cpu"):
-        model = GptOss(cfg, ep_size) if cfg.arch == "gpt_oss" else GPT2(cfg)
+        model = GptOss(cfg, ep_size, options) if cfg.arch == "gpt_oss" else GPT2(cfg, options)
     if str(device) != "meta":
         model.reset_parameters()
+    if options.compile:  # each block in place: parameter names, state dicts and DeepSpeed's view unchanged
+        for block in model.layers if isinstance(model, GptOss) else model.h:
+            block.compile(backend=options.compile_backend)
     return model
-
-
-ATTENTION_IMPLS = ("auto", "flex", "cpu", "eager")
-
-
-def set_attention_impl(model: nn.Module, impl: str) -> None:
-    """Choose the attention kernel of every GPT-OSS layer: "auto" (FlexAttention on GPU, banded sliding
-    window + SDPA with a sink key elsewhere), "flex", "cpu" (the banded/SDPA kernels on any device), "eager"."""
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation {impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-    for block in getattr(model, "layers", []):
-        block.self_attn.impl = impl
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -56,6 +50,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-__all__ = ["ATTENTION_IMPLS", "GPT2", "GptOss", "KVCache", "ModelOutput", "Segments",
-           "activation_checkpointing_enabled", "build_model", "param_groups", "set_activation_checkpointing",
-           "set_attention_impl", "validate_parallelism"]
+__all__ = ["ATTENTION_IMPLS", "GPT2", "GptOss", "KVCache", "ModelOptions", "ModelOutput", "Segments", "build_model",
+           "param_groups", "validate_parallelism"]

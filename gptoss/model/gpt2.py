@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import Segments, per_story_attention
-from gptoss.model.gptoss import ModelOutput, head_logits, head_loss
-from gptoss.model.vocab import DataVocab, init_tail_row
+from gptoss.model.gptoss import ModelOutput, maybe_checkpoint
+from gptoss.model.head import VocabHead
+from gptoss.model.kernels.attention import Segments, per_story_attention
+from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
 class GPT2Attention(nn.Module):
@@ -48,27 +49,31 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, checkpointing: bool = False) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = GPT2Attention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = GPT2MLP(cfg)
 
     def forward(self, x: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        return maybe_checkpoint(self.checkpointing and self.training, self._forward, x, segments)
+
+    def _forward(self, x: torch.Tensor, segments: Segments | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), segments)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT2(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = DEFAULT_OPTIONS) -> None:
         super().__init__()
-        self.config = cfg
+        self.config, self.options = cfg, options
         # With a data vocabulary the tied tail row is both the shared input row and the tail output row.
-        self.vocab = DataVocab(cfg) if cfg.kept_ids is not None else None
+        self.head = VocabHead(cfg, options.loss)
         self.wte = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.h = nn.ModuleList(GPT2Block(cfg, options.activation_checkpointing) for _ in range(cfg.num_hidden_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -92,8 +97,7 @@ class GPT2(nn.Module):
                     nn.init.zeros_(linear.bias)
         if not self.config.tie_word_embeddings:  # an untied head is a matrix like the others, not torch's default
             nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
-        if self.vocab is not None:
-            init_tail_row(self.lm_head.weight)  # tied: the embedding's shared row too
+        self.head.reset_tail(self.lm_head.weight)  # tied: the embedding's shared row too
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, eot_id: int | None = None,
                 **_: object) -> ModelOutput:
@@ -106,11 +110,11 @@ class GPT2(nn.Module):
                              f"({self.config.max_position_embeddings})")
         segments = Segments.from_tokens(input_ids, eot_id) if eot_id is not None else None
         positions = torch.arange(T, device=input_ids.device) if segments is None else segments.positions
-        x = self.wte(input_ids if self.vocab is None else self.vocab.inputs(input_ids)) + self.wpe(positions)
+        x = self.wte(self.head.rows(input_ids)) + self.wpe(positions)
         for block in self.h:
             x = block(x, segments)
         x = self.ln_f(x)
         zero = x.new_zeros((), dtype=torch.float32)
         if targets is None:
-            return ModelOutput(logits=head_logits(self, x), aux_loss=zero)
-        return ModelOutput(loss=head_loss(self, x, targets), aux_loss=zero)
+            return ModelOutput(logits=self.head.logits(x, self.lm_head.weight), aux_loss=zero)
+        return ModelOutput(loss=self.head.loss(x, self.lm_head.weight, targets), aux_loss=zero)

@@ -15,17 +15,21 @@ mass, close to a plain softmax, and the sink is free to learn in either directio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import Attention, KVCache, Segments
+from gptoss.model.attention import Attention, KVCache
+from gptoss.model.head import VocabHead
+from gptoss.model.kernels.attention import ATTENTION_KERNELS, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
-from gptoss.model.loss import head_cross_entropy
 from gptoss.model.moe import MoEFeedForward, init_experts
-from gptoss.model.vocab import DataVocab, init_tail_row
+from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
 @dataclass
@@ -38,13 +42,20 @@ class ModelOutput:
     expert_counts: torch.Tensor | None = None  # (layers, E) assignments per expert on this rank
 
 
+def maybe_checkpoint(enabled: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), under torch.utils.checkpoint (non-reentrant) when enabled and autograd records: the backward
+    pass keeps only the block's inputs and recomputes the rest, one more forward for less activation memory."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, ep_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, ep_size: int, options: ModelOptions) -> None:
         super().__init__()
-        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.checkpointing = options.activation_checkpointing
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                   cfg.head_dim, cfg.sliding_window if sliding else None)
+        self.self_attn = Attention(cfg, layer_idx, ATTENTION_KERNELS[options.attention])
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoEFeedForward(cfg, ep_size)
 
@@ -52,18 +63,23 @@ class Block(nn.Module):
                 cache: KVCache | None = None, segments: Segments | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The residual stream after this block, and its MoE's aux loss () and expert counts (E,)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, segments=segments)
+        return maybe_checkpoint(self.checkpointing and self.training, self._forward, x, cos, sin, positions, cache,
+                                segments)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache | None, segments: Segments | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, segments)
         h, aux_loss, counts = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux_loss, counts
 
 
 class GptOss(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1, options: ModelOptions = DEFAULT_OPTIONS) -> None:
         super().__init__()
-        self.config = cfg
-        self.vocab = DataVocab(cfg) if cfg.kept_ids is not None else None  # ids take compact rows
+        self.config, self.options = cfg, options
+        self.head = VocabHead(cfg, options.loss)
         self.embed_tokens = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, ep_size, options) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -73,8 +89,7 @@ class GptOss(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         nn.init.normal_(self.embed_tokens.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
-        if self.vocab is not None:
-            init_tail_row(self.lm_head.weight)
+        self.head.reset_tail(self.lm_head.weight)
         for block in self.layers:
             attn = block.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.router):
@@ -98,8 +113,7 @@ class GptOss(nn.Module):
         """Logits, or the loss of `targets`. With `eot_id` (story-aware attention, for training windows) a new
         story starts at each `eot_id` token: attention stays inside a story and rotary positions restart at
         0 there, as when sampling after <|endoftext|>. Decoding with `caches` (one story per row) refuses it.
-        Ids, targets and logits are full-vocabulary ones also with a data vocabulary (`gptoss.model.vocab`):
-        stories are found on the full ids, which then take their compact rows."""
+        Ids, targets and logits are full-vocabulary ones also with a data vocabulary (`gptoss.model.head`)."""
         T = input_ids.shape[1]
         segments = None
         if eot_id is None:
@@ -111,7 +125,7 @@ class GptOss(nn.Module):
             segments = Segments.from_tokens(input_ids, eot_id)
             positions = segments.positions  # (B, T)
         cos, sin = self.rotary(positions)
-        x = self.embed_tokens(input_ids if self.vocab is None else self.vocab.inputs(input_ids))
+        x = self.embed_tokens(self.head.rows(input_ids))  # (B, T, hidden)
         aux_losses, layer_counts = [], []
         for i, block in enumerate(self.layers):
             x, aux_loss, counts = block(x, cos, sin, positions, caches[i] if caches is not None else None,
@@ -122,21 +136,5 @@ class GptOss(nn.Module):
         aux = torch.stack(aux_losses).mean() * self.config.router_aux_loss_coef
         counts = torch.stack(layer_counts)  # (layers, E)
         if targets is None:
-            return ModelOutput(logits=head_logits(self, x), aux_loss=aux, expert_counts=counts)
-        return ModelOutput(loss=head_loss(self, x, targets), aux_loss=aux, expert_counts=counts)
-
-
-def head_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits of the final hidden states (the tail logit for ids outside a data vocabulary)."""
-    logits = model.lm_head(x)
-    return logits if model.vocab is None else model.vocab.expand_logits(logits)
-
-
-def head_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_impl: str | None = None) -> torch.Tensor:
-    """Mean full-vocabulary cross-entropy of full-id `targets`, without materialising all logits, by `loss_impl`
-    (default: the model's `loss_impl`, set by `gptoss.model.loss.set_loss_impl`, else auto)."""
-    impl = loss_impl or getattr(model, "loss_impl", "auto")
-    if model.vocab is None:
-        return head_cross_entropy(x, model.lm_head.weight, targets, impl)
-    return head_cross_entropy(x, model.lm_head.weight, model.vocab.targets(targets), impl,
-                              log_tail_size=model.vocab.log_tail_size)
+            return ModelOutput(logits=self.head.logits(x, self.lm_head.weight), aux_loss=aux, expert_counts=counts)
+        return ModelOutput(loss=self.head.loss(x, self.lm_head.weight, targets), aux_loss=aux, expert_counts=counts)

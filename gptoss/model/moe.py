@@ -6,26 +6,16 @@ files). DeepSpeed's own gate (GShard, capacity-based, token dropping, softmax be
 GPT-OSS semantics, so routing and dispatch are ours:
 
     sort token->expert assignments by expert, exchange counts, all_to_all the tokens (split sizes),
-    run each local expert on its contiguous segment, send results back, combine with router weights.
+    run the local experts on their contiguous segments, send results back, combine with router weights.
 
 With ep_size = 1 the same code runs without communication. Rank r of an expert-parallel group holds
-global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group layout).
-
-Running the local experts (`_run_local_experts`), three ways, all with the parameters one `Expert` per expert
-(the layout DeepSpeed's per-expert checkpoint files need):
-  grouped GEMM  CUDA sm_90+ (Hopper), bf16, torch with `torch._grouped_mm`: the experts' weights stacked in the
-                forward (one copy of the local experts' weights per call), segment offsets on the device: no
-                host sync, so torch.compile traces it whole;
-  masked dense  under torch.compile on a device without grouped GEMM when not in eager CUDA use (CPU): every
-                expert on every row, each row keeping its own expert's result (E_local times the expert FLOPs;
-                for tests and toy CPU runs);
-  per-expert    everywhere else (eager, and CUDA below sm_90 such as the A40's sm_86 even when compiled): a loop
-                over contiguous segments, whose split sizes need one host sync (`counts.tolist()`, a graph
-                break under torch.compile).
+global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group layout). The local experts
+run through `gptoss.model.kernels.experts` (a loop, grouped GEMM on Hopper, masked dense under compile).
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 import torch
@@ -34,7 +24,18 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from gptoss.config import ConfigError, ModelConfig
+from gptoss.model.kernels.experts import expert_kernel
 from gptoss.model.layers import clamped_swiglu
+
+# Where a layer keeps its experts (DeepSpeed's layout), and so the state-dict key of one expert parameter
+# (`layers.N.mlp.deepspeed_moe.experts.deepspeed_experts.E.name`, global ids E in full state dicts).
+EXPERTS_PATH = ("deepspeed_moe", "experts", "deepspeed_experts")
+EXPERT_KEY = re.compile(rf"^layers\.(\d+)\.mlp\.{re.escape('.'.join(EXPERTS_PATH))}\.(\d+)\.(\w+)$")
+EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def expert_key(layer: int, expert: int, name: str) -> str:
+    return f"layers.{layer}.mlp.{'.'.join(EXPERTS_PATH)}.{expert}.{name}"
 
 
 def validate_parallelism(cfg: ModelConfig, *, world_size: int, ep_size: int, zero_stage: int) -> None:
@@ -70,10 +71,6 @@ class Expert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(self.gate_up_proj_bias, x, self.gate_up_proj)
         return torch.addmm(self.down_proj_bias, clamped_swiglu(h, self.alpha, self.limit), self.down_proj)
-
-
-class _Container(nn.Module):
-    """Plain holder that reproduces DeepSpeed's parameter path `deepspeed_moe.experts.deepspeed_experts`."""
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: object) -> torch.Tensor:
@@ -112,13 +109,15 @@ class MoEFeedForward(DeepSpeedMoE):
         for p in experts.parameters():
             p.allreduce = False  # DeepSpeed reduces these over the expert-data-parallel group instead
             p.group_name = self.expert_group_name
-        self.deepspeed_moe = _Container()
-        self.deepspeed_moe.experts = _Container()
-        self.deepspeed_moe.experts.deepspeed_experts = experts
+        holder = self
+        for name in EXPERTS_PATH[:-1]:  # plain holders on DeepSpeed's parameter path
+            holder.add_module(name, nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(EXPERTS_PATH[-1], experts)
 
     @property
     def local_experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts
+        return self.get_submodule(".".join(EXPERTS_PATH))
 
     @property
     def first_local_expert(self) -> int:
@@ -159,47 +158,8 @@ class MoEFeedForward(DeepSpeedMoE):
 
     def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""
-        if use_grouped_mm(x):
-            return self._grouped_experts(x, counts)
-        if torch.compiler.is_compiling() and x.device.type != "cuda":
-            return self._masked_dense_experts(x, counts)
-        return self._looped_experts(x, counts)
-
-    def _expert_of_row(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """(rows,) local expert index of each row, without a host sync (output size given)."""
-        ids = torch.arange(self.num_local_experts, device=x.device)
-        return torch.repeat_interleave(ids, counts, output_size=x.shape[0])
-
-    def _grouped_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """All local experts in two grouped GEMMs (torch._grouped_mm), offsets on the device."""
-        experts = self.local_experts
-        e = experts[0]
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        row_expert = self._expert_of_row(x, counts)
-        w1 = torch.stack([m.gate_up_proj for m in experts]).to(x.dtype)  # (E_local, H, 2I)
-        b1 = torch.stack([m.gate_up_proj_bias for m in experts]).to(x.dtype)
-        w2 = torch.stack([m.down_proj for m in experts]).to(x.dtype)  # (E_local, I, H)
-        b2 = torch.stack([m.down_proj_bias for m in experts]).to(x.dtype)
-        h = torch._grouped_mm(x, w1, offs=offs) + b1[row_expert]
-        h = clamped_swiglu(h, e.alpha, e.limit)
-        return torch._grouped_mm(h, w2, offs=offs) + b2[row_expert]
-
-    def _masked_dense_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Every local expert on every row, each row keeping its expert's result: no host sync, E_local x FLOPs."""
-        row_expert = self._expert_of_row(x, counts).unsqueeze(-1)
-        y = torch.zeros_like(x)
-        for i, expert in enumerate(self.local_experts):
-            y = torch.where(row_expert == i, expert(x), y)
-        return y
-
-    def _looped_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """One expert per contiguous segment; the split sizes cost one host sync."""
-        pieces = x.split(counts.tolist())
-        # An idle expert still runs in training (DeepSpeed expects a gradient, zeros, for each parameter);
-        # at inference its empty (0, H) input already is its output.
-        train = torch.is_grad_enabled()
-        return torch.cat([expert(piece) if train or len(piece) else piece
-                          for expert, piece in zip(self.local_experts, pieces)])
+        hidden, intermediate = self.local_experts[0].down_proj.shape[::-1]
+        return expert_kernel(x, hidden, intermediate)(self.local_experts, x, counts)
 
     def _exchange_and_run(self, sorted_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Send each row to the rank owning its expert, run the local experts, send the results back."""
@@ -217,12 +177,6 @@ class MoEFeedForward(DeepSpeedMoE):
         y = self._run_local_experts(recv_x[by_expert], recv_counts.view(ep, E_local).sum(0))
         y = torch.empty_like(y).index_copy_(0, by_expert, y)  # back to (source, expert) order
         return _all_to_all(y, send_splits, recv_splits, self.ep_group)
-
-
-def use_grouped_mm(x: torch.Tensor) -> bool:
-    """Grouped GEMM for the experts: CUDA sm_90+ (Hopper; torch's kernel targets it), bf16, rows 16-byte aligned."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0) and x.shape[-1] % 8 == 0)
 
 
 def expert_counts(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:

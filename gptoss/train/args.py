@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss.errors import TrainError, UserError
+from gptoss.errors import TrainError
 
 VOCAB_CHOICES = ("data", "full")
 
@@ -41,8 +41,7 @@ class TrainArgs:
     loss_impl: str = _help("cross-entropy of the output head (none materialises all logits): auto (fused on CUDA, "
                            "chunked elsewhere), chunked (checkpointed chunks: the logits matmul runs again in "
                            "backward), fused (loss and both gradients in one pass over the chunks, nothing "
-                           "recomputed; pure torch, any device) or liger (liger-kernel's Triton kernel, CUDA only: "
-                           "pip install 'gptoss[gpu]'); the same loss and gradients within bf16 rounding; "
+                           "recomputed; pure torch, any device); the same loss and gradients within bf16 rounding; "
                            "evaluation is always the chunked loss", default="auto")
     attend_across_stories: bool = _help("let attention cross <|endoftext|> and positions run on across stories; "
                                         "default: each story attends to itself only and its positions restart at "
@@ -137,18 +136,12 @@ def check_args(a: TrainArgs) -> None:
             raise TrainError(f"--{name}={v}: must be >= {low}")
     if a.timeout_min <= 0:
         raise TrainError(f"--timeout_min={a.timeout_min}: must be > 0")
-    from gptoss.model import ATTENTION_IMPLS
-    from gptoss.model.loss import check_loss_impl
+    from gptoss.model.kernels.attention import ATTENTION_IMPLS
+    from gptoss.model.kernels.head_loss import LOSS_IMPLS
 
     if a.vocab not in VOCAB_CHOICES:
         raise TrainError(f"--vocab={a.vocab}: expected one of {', '.join(VOCAB_CHOICES)}")
     if a.attn_impl not in ATTENTION_IMPLS:
         raise TrainError(f"--attn_impl={a.attn_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")
-    try:
-        check_loss_impl(a.loss_impl, "--loss_impl")
-    except UserError as e:
-        raise TrainError(str(e)) from None
-    import torch
-
-    if a.loss_impl == "liger" and not torch.cuda.is_available():
-        raise TrainError("--loss_impl=liger runs on CUDA only and no CUDA device is visible; use fused or auto")
+    if a.loss_impl not in LOSS_IMPLS:
+        raise TrainError(f"--loss_impl={a.loss_impl}: expected one of {', '.join(LOSS_IMPLS)}")

@@ -4,6 +4,7 @@ place the trainer creates a model; fault-injection tests wrap `build_engine` to 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -13,32 +14,17 @@ from gptoss.train.plan import Plan
 COMPILE_BACKEND_ENV = "GPTOSS_COMPILE_BACKEND"  # tests pick a cheaper backend (aot_eager) than inductor
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile each transformer block in place (`Module.compile`): parameter names, state dicts and
-    DeepSpeed's view of the model stay as they are. The loss head (--loss_impl) stays eager."""
-    import os
-
-    from gptoss.model.checkpointing import transformer_blocks
-
-    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
-    for block in transformer_blocks(model):
-        block.compile(backend=backend)
-
-
 def build_engine(plan: Plan) -> Any:
     """Model from the seed, then DeepSpeed's engine with our parameter groups (no decay on norms etc.)."""
     import deepspeed
 
-    from gptoss.model import build_model, param_groups, set_activation_checkpointing, set_attention_impl
-    from gptoss.model.loss import set_loss_impl
+    from gptoss.model import ModelOptions, build_model, param_groups
 
-    torch.manual_seed(plan.args.seed)
-    model = build_model(plan.cfg, ep_size=plan.ep_size)
-    set_attention_impl(model, plan.args.attn_impl)
-    set_loss_impl(model, plan.args.loss_impl)
-    set_activation_checkpointing(model, plan.args.activation_checkpointing)
-    if plan.args.compile:
-        compile_blocks(model)
+    a = plan.args
+    options = ModelOptions(attention=a.attn_impl, loss=a.loss_impl, activation_checkpointing=a.activation_checkpointing,
+                           compile=a.compile, compile_backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+    torch.manual_seed(a.seed)
+    model = build_model(plan.cfg, ep_size=plan.ep_size, options=options)
     wd = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), config=plan.ds_config)
     sched = engine.lr_scheduler

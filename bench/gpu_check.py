@@ -1,7 +1,7 @@
 """One GPU check in one call, at most ~8 minutes on one GPU: is the first A40 run ready to start, fast and right?
 
     python3 bench/gpu_check.py --out gpu_check.md      # on the GPU machine, with gpu_kit/ carried along
-    python bench/gpu_check.py --dry_run --out c.md     # every stage on CPU at toy size (tests/test_gpu_check.py)
+    python bench/gpu_check.py --dry_run --out c.md     # every stage on CPU at toy size (tests/system/test_gpu_check.py)
 
 Prints one markdown table (and writes it to --out), one or more rows per stage:
   environment  GPU, torch, CUDA; DeepSpeed installed from gpu_kit/wheels (`pip install --no-index

@@ -12,7 +12,7 @@ wrote it. That is -log2 P(text) only if the grammar is unambiguous: no two choic
 (A story's end is the end of its choices, marked by `<|endoftext|>`, so a story that is a prefix of another does
 no harm.) The grammar is built for that: the alternatives of a choice are distinct strings, each optional part
 carries words of its own ("also", "First,", "Then", "Nearby,"), and a choice that writes nothing yet (the plot,
-the number of attempts) shows in the next words. tests/test_synthetic.py proves it with a recogniser that re-runs
+the number of attempts) shows in the next words. tests/unit/test_synthetic.py proves it with a recogniser that re-runs
 `tell_story` along every alternative a text allows and finds exactly one choice sequence, with the sampler's bits,
 for 2,000 stories; it also enumerates parts of the grammar exhaustively (distinct texts, probabilities
 summing to 1).

@@ -16,7 +16,7 @@ from gptoss.errors import TrainError
 
 log = logging.getLogger(__name__)
 
-# Every top-level key DeepSpeed 0.19 reads (DeepSpeedConfig and deepspeed.initialize; tests/test_faults.py
+# Every top-level key DeepSpeed 0.19 reads (DeepSpeedConfig and deepspeed.initialize; tests/system/test_faults.py
 # re-derives the set from the installed DeepSpeed). DeepSpeed silently ignores any other key, so a typo such
 # as "train_batch_szie" would quietly train with a default; we refuse it instead.
 DS_CONFIG_KEYS = frozenset({

@@ -1,2 +1,2 @@
 """The fast paths of the spec's math, one file per family, each a table name -> function with one signature,
-tested against the reference by one parametrised test (tests/test_kernels.py)."""
+tested against the reference by one parametrised test (tests/unit/test_kernels.py)."""

@@ -23,7 +23,7 @@ from gptoss.data import prepare as data_prepare
 from gptoss.data.layout import read_token_counts
 from gptoss.tokenizer import seed_tiktoken_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 seed_tiktoken_cache()  # offline machines: tiktoken finds the shipped ranks instead of downloading
 ENC = tiktoken.get_encoding("o200k_harmony")  # the reference the .bin files must equal
 EOT = 199999

@@ -1,4 +1,4 @@
-"""The head's loss kernels beyond the table test of tests/test_kernels.py: bf16 against fp32, frozen inputs, no
+"""The head's loss kernels beyond the table test of tests/unit/test_kernels.py: bf16 against fp32, frozen inputs, no
 gradients wanted, all targets ignored, a whole model step fused vs chunked, and the --loss_impl choice from the
 model options to launch/train.py."""
 

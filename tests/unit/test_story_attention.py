@@ -2,7 +2,7 @@
 
 `Segments` against the per-token definition (a loop finds each token's story start), its SDPA packing, and the
 whole models against themselves run on each story alone. Each kernel with stories against the float64 formula
-is in tests/test_kernels.py.
+is in tests/unit/test_kernels.py.
 """
 
 from __future__ import annotations

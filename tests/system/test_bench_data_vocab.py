@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_data_vocab.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_data_vocab.py"
 
 
 @pytest.fixture(scope="module")

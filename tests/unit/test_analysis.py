@@ -28,7 +28,7 @@ from gptoss.config import flops_per_token, get_config, kv_cache_bytes_per_token,
 from gptoss.hf import hf_config
 from gptoss.model import build_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

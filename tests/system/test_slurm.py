@@ -1,6 +1,6 @@
 """The repo's sbatch scripts on a real (one-node, localhost) Slurm cluster, training the tiny model on CPU.
 
-tests/slurm_cluster.py starts munged, slurmctld and slurmd privately in a temp dir; the jobs are submitted
+tests/system/slurm_cluster.py starts munged, slurmctld and slurmd privately in a temp dir; the jobs are submitted
 from the repo root exactly as a user would, with options passed through sbatch's command line and the
 environment. Three jobs, one per launch path:
 
@@ -28,7 +28,7 @@ from slurm_cluster import JobInfo, SlurmCluster, slurm_cluster_fixture
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Generous: a loaded 2-core runner starts two DeepSpeed ranks and a requeued job in well under this.
 JOB_TIMEOUT = 480
 TRAIN_ARGS = ["--model", "tiny", "--seq_len", "32", "--eval_every", "0"]

@@ -127,7 +127,7 @@ def test_cpu_attention_memory_is_linear_in_length(kernel, stories):
 def test_expert_kernel_equals_each_expert_row_by_row(name):
     """float64 rows grouped by expert, an idle expert among them; outputs and gradients of rows and weights."""
     if name == "grouped" and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
-        pytest.skip("torch._grouped_mm runs on Hopper only (tests/test_gpu.py)")
+        pytest.skip("torch._grouped_mm runs on Hopper only (tests/unit/test_gpu.py)")
     torch.manual_seed(0)
     layer = MoEFeedForward(get_config("tiny", vocab_size=512)).double()
     experts = layer.local_experts

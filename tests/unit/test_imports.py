@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gptoss"
+PACKAGE = Path(__file__).resolve().parents[2] / "gptoss"
 
 LAYERS = [
     {"gptoss", "gptoss.errors"},

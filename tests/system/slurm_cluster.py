@@ -194,7 +194,7 @@ def _write_conf(root: Path, node: str, cpus: int, munge_socket: Path, cred_expir
     plugstack.write_text("# empty: keep the system's SPANK plugins out of this cluster\n")
     conf = root / "slurm.conf"
     conf.write_text(f"""\
-# Written by tests/slurm_cluster.py: a one-node cluster private to {root}.
+# Written by tests/system/slurm_cluster.py: a one-node cluster private to {root}.
 ClusterName=gptosstest
 SlurmctldHost={node}(127.0.0.1)
 SlurmUser=root

@@ -16,7 +16,7 @@ import pytest
 
 import gptoss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SETUP_SH = REPO / "scripts" / "setup.sh"
 
 # A torch that sees one Hopper GPU and no CUDA toolkit: what a pip-installed CUDA torch looks like on most machines.

@@ -2,7 +2,7 @@
 graph break in the one-rank path (no host sync: counts on the device, masked dense experts under compile, rotary
 cos/sin without `.item()`), and `train.py --compile` gives the loss of a run without it. Cheap backends
 (`aot_eager`: dynamo plus AOT autograd, no code generation) keep it fast on two cores; the GPU side (inductor,
-grouped GEMM on Hopper) is in tests/test_gpu.py and bench/gpu_check.py."""
+grouped GEMM on Hopper) is in tests/unit/test_gpu.py and bench/gpu_check.py."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptoss.config import get_config
-from gptoss.model import build_model, param_groups
+from gptoss.model import ModelOptions, build_model, param_groups
 from gptoss.model.moe import EXPERT_KEY, MoEFeedForward, expert_counts, expert_key, load_balancing_loss
 
 TINY = dict(vocab_size=512)
@@ -124,7 +124,7 @@ def test_each_forward_returns_its_own_router_statistics():
 
 def test_param_groups_no_decay_on_norms_biases_sinks_embeddings():
     torch.manual_seed(0)
-    model = build_model(get_config("tiny", **TINY))
+    model = build_model(get_config("tiny", **TINY), options=ModelOptions(deepspeed_engine=True))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.1)
     for g in groups:

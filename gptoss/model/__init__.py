@@ -34,7 +34,8 @@ def build_model(cfg: ModelConfig, ep_size: int = 1, device: torch.device | str |
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices only (no decay on norms, biases, sinks, embeddings), then split
-    into DeepSpeed's MoE groups so expert parameters are reduced over their expert-data-parallel group."""
+    into DeepSpeed's MoE groups so expert parameters are reduced over their expert-data-parallel group (a GPT-OSS
+    model built with `ModelOptions(deepspeed_engine=True)`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -7,9 +7,11 @@ each step re-runs the last `max_position_embeddings` tokens (nanoGPT's crop), wh
 trained context and slower; the same recompute path serves as the reference the cache is tested against.
 
 Sampling: logits / temperature -> top-k -> top-p (nucleus), the order of transformers' warpers; temperature
-0 is greedy. Random draws come from one CPU `torch.Generator` seeded with `seed` (one uniform per row and
-step, inverted through the CDF), so a seed gives the same tokens on CPU and GPU as long as the logits agree;
-seed None draws from torch's global CPU generator (`torch.manual_seed` applies).
+0 is greedy. Row i of a batch draws from its own CPU `torch.Generator` seeded with `seed + i` (one uniform
+per step, inverted through the CDF), so a row samples what a single run with seed + i samples, and a seed
+gives the same tokens on CPU and GPU, as long as the logits agree (a batched forward rounds like a single
+one on CPU; a draw within rounding of a CDF step could still differ). Seed None draws from torch's global
+CPU generator (`torch.manual_seed` applies).
 
 A run trained with a data vocabulary (`--vocab data`, `gptoss.model.head`) samples full-vocabulary ids: its
 last-position logits are expanded to all 201,088 ids with the tail logit itself for every id outside the kept
@@ -126,13 +128,18 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row (B,) from the last-position logits (B, V)."""
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row (B,) from the last-position logits (B, V); `generator` one for all rows, or one per
+    row (B of them: a row's draws then do not depend on how many rows there are)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64).to(probs.device)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64)
+    else:
+        u = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
+    u = u.to(probs.device)
     cdf = probs.double().cumsum(-1)
     # First index with cdf > u * total: always a token of positive probability; u * total makes it
     # immune to the rounding of the cdf's last value.
@@ -144,7 +151,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) for `max_new_tokens` steps; prompts (B, T) of equal length.
+    """Yield the next token of every row (B,) for `max_new_tokens` steps; prompts (B, T) of equal length;
+    row i draws with seed + i.
 
     `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
     """
@@ -152,7 +160,7 @@ def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temp
         raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
     param = next(model.parameters())
     seq = prompts.to(param.device)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(seq.shape[0])]
     cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
     caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, param.dtype, param.device) \
         if cached else None
@@ -165,7 +173,7 @@ def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temp
         else:
             context = seq[:, -limit:] if model.config.arch == "gpt2" and limit else seq
             logits = model(context).logits[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, temperature, top_k, top_p, generators)
         yield nxt
         step_input = nxt[:, None]
         if not cached:
@@ -183,29 +191,30 @@ def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new
     prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids)
     out = generate_batch(model, prompt.reshape(1, -1), max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, stop_ids=stop_ids, use_cache=use_cache,
-                         on_step=(lambda t: on_token(int(t[0]))) if on_token else None)
+                         on_token=(lambda _row, t: on_token(t)) if on_token else None)
     return out[0]
 
 
 def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    stop_ids: Sequence[int] = (), use_cache: bool = True,
-                   on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-    """New ids per row for equal-length prompts (B, T); a row ends at its first stop id (kept), and
-    decoding ends when every row has. `on_step` gets each step's (B,) tokens."""
+                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New ids per row for equal-length prompts (B, T), row i what `generate` gives with seed + i. A row ends
+    at its first stop id (kept) and emits nothing after it; decoding ends when every row has.
+    `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled."""
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
     rows: list[list[int]] = [[] for _ in range(prompts.shape[0])]
     done = [False] * prompts.shape[0]
     for nxt in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, use_cache=use_cache):
-        if on_step is not None:
-            on_step(nxt)
         tokens = nxt.cpu()
         stopped = torch.isin(tokens, stops).tolist()
         for i, t in enumerate(tokens.tolist()):
             if not done[i]:
                 rows[i].append(t)
                 done[i] = stopped[i]
+                if on_token is not None:
+                    on_token(i, t)
         if all(done):
             break
     return rows
@@ -239,15 +248,43 @@ class TextStreamer:
             self.write(text)
 
 
+class InRowOrder:
+    """Texts of rows generated together, written one after another: the first unfinished row as it comes,
+    a later row's text held until every row before it has ended."""
+
+    def __init__(self, write: Callable[[str], object], rows: int) -> None:
+        self.write, self.current = write, 0
+        self.held: list[list[str]] = [[] for _ in range(rows)]
+        self.ended = [False] * rows
+
+    def put(self, row: int, text: str) -> None:
+        self.held[row].append(text)
+        self._flush()
+
+    def end(self, row: int) -> None:
+        self.ended[row] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.current < len(self.held):
+            if self.held[self.current]:
+                self.write("".join(self.held[self.current]))
+                self.held[self.current].clear()
+            if not self.ended[self.current]:
+                return
+            self.current += 1
+
+
 def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: int = 200,
                 temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
                 seed: int | None = None, num_samples: int = 1, device: str | None = None,
                 dtype: str | None = None, write: Callable[[str], object] | None = None,
                 model: nn.Module | None = None) -> list[str]:
-    """Stories from a prompt, streamed through `write` (stdout by default) as they are generated.
+    """Stories from a prompt, sampled as one batch and written through `write` (stdout by default) in order,
+    separated by a `---` line, the first as it is generated.
 
     Every prompt is preceded by <|endoftext|>, as each story follows one in the training stream; sample i
-    uses seed + i, so any one sample can be reproduced alone. Generation stops at <|endoftext|>.
+    uses seed + i, so any one sample can be reproduced alone. A story stops at its <|endoftext|>.
     """
     import sys
 
@@ -270,16 +307,25 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
     if vocab < VOCAB_SIZE:
         raise SampleError(f"{path}: the model's vocab_size is {vocab}, smaller than o200k_harmony's {VOCAB_SIZE}; "
                          "it cannot use the tokenizer (sample token ids with gptoss.generate.generate instead)")
-    ids = [EOT_ID, *encode(prompt)]
-    texts = []
-    for i in range(num_samples):
-        if i:
-            write("\n\n---\n\n")
-        write(prompt)
-        streamer = TextStreamer(write, skip_ids=[EOT_ID])
-        new = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=None if seed is None else seed + i, stop_ids=[EOT_ID], on_token=streamer.put)
-        streamer.end()
-        texts.append(prompt + decode([t for t in new if t != EOT_ID]))
+    ids = torch.tensor([EOT_ID, *encode(prompt)]).repeat(num_samples, 1)
+    out = InRowOrder(write, num_samples)
+    streamers = [TextStreamer(lambda s, row=row: out.put(row, s), skip_ids=[EOT_ID]) for row in range(num_samples)]
+    for row in range(num_samples):
+        out.put(row, ("\n\n---\n\n" if row else "") + prompt)
+
+    def end(row: int) -> None:
+        if not out.ended[row]:
+            streamers[row].end()
+            out.end(row)
+
+    def on_token(row: int, t: int) -> None:
+        streamers[row].put(t)
+        if t == EOT_ID:
+            end(row)
+
+    new = generate_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                         stop_ids=[EOT_ID], on_token=on_token)
+    for row in range(num_samples):  # the rows that reached max_new_tokens
+        end(row)
     write("\n")
-    return texts
+    return [prompt + decode([t for t in row if t != EOT_ID]) for row in new]

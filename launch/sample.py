@@ -4,8 +4,10 @@
     python launch/sample.py runs/nano --num_samples 3 --temperature 0.8 --top_k 200 --seed 1
     python launch/sample.py runs/nano --temperature 0                     # greedy
 
-PATH is an export dir (launch/export.py) or a run/checkpoint dir (consolidated in memory). Generation
-stops at <|endoftext|> or after --max_new_tokens. Exit status 2 on an unusable model or flag.
+PATH is an export dir (launch/export.py) or a run/checkpoint dir (consolidated in memory). The samples are
+generated as one batch and printed in order, the first as it is sampled; each stops at its own <|endoftext|>
+or after --max_new_tokens. Only the stories reach stdout. Needs no DeepSpeed. Exit status 2 on an unusable
+model or flag.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="nucleus sampling: smallest set of tokens with this much probability (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed; sample i uses seed + i (default: a fresh one, printed on stderr)")
-    p.add_argument("--num_samples", type=int, default=1, help="stories to generate (default: %(default)s)")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="stories to generate, as one batch; each is the story a single run with its seed gives "
+                   "(default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute dtype; auto = fp32 on CPU, the stored dtype on GPU (default: %(default)s)")

@@ -10,7 +10,7 @@ from gptoss.model.attention import KVCache
 from gptoss.model.gpt2 import GPT2
 from gptoss.model.gptoss import GptOss, ModelOutput
 from gptoss.model.kernels.attention import ATTENTION_IMPLS, Segments
-from gptoss.model.moe import MoEFeedForward, validate_parallelism
+from gptoss.model.moe import MoEFeedForward, deepspeed_moe_class, validate_parallelism
 from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
@@ -34,7 +34,8 @@ def build_model(cfg: ModelConfig, ep_size: int = 1, device: torch.device | str |
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices only (no decay on norms, biases, sinks, embeddings), then split
-    into DeepSpeed's MoE groups so expert parameters are reduced over their expert-data-parallel group."""
+    into DeepSpeed's MoE groups so expert parameters are reduced over their expert-data-parallel group (a GPT-OSS
+    model built with `ModelOptions(deepspeed_engine=True)`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -43,9 +44,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         (decay if is_matrix else no_decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    if any(isinstance(m, MoEFeedForward) for m in model.modules()):
+    moe_layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if moe_layers:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+        if not all(isinstance(m, deepspeed_moe_class()) for m in moe_layers):
+            # Plain layers: the engine would see no MoE and reduce the experts over the whole data-parallel group.
+            raise ValueError("param_groups is for a DeepSpeed engine: build the model with "
+                             "ModelOptions(deepspeed_engine=True) so the engine sees its MoE layers")
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 

@@ -28,7 +28,7 @@ from gptoss.model.attention import Attention, KVCache
 from gptoss.model.head import VocabHead
 from gptoss.model.kernels.attention import ATTENTION_KERNELS, Segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
-from gptoss.model.moe import MoEFeedForward, init_experts
+from gptoss.model.moe import init_experts, moe_layer
 from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
@@ -57,7 +57,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx, ATTENTION_KERNELS[options.attention])
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoEFeedForward(cfg, ep_size)
+        self.mlp = moe_layer(cfg, ep_size, options.deepspeed_engine)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None = None, segments: Segments | None = None

@@ -1,9 +1,11 @@
 """Mixture of Experts: top-k-then-softmax router, clamped SwiGLU experts, dropless expert parallelism.
 
-The layer subclasses DeepSpeed's `MoE` only so that the engine recognises it (`has_moe_layers`) and
-treats the expert parameters right under ZeRO-1/2 (expert-data-parallel groups, per-expert checkpoint
-files). DeepSpeed's own gate (GShard, capacity-based, token dropping, softmax before top-k) is not
-GPT-OSS semantics, so routing and dispatch are ours:
+`MoEFeedForward` is plain torch, so sampling, export and analysis run without DeepSpeed. A model a DeepSpeed
+engine will wrap gets `deepspeed_moe_class()` instead (`ModelOptions.deepspeed_engine`): the same layer, also
+DeepSpeed's `MoE`, so the engine recognises it (`isinstance(module, MoE)`: `has_moe_layers`) and treats the
+expert parameters right under ZeRO-1/2 (expert-data-parallel groups, per-expert checkpoint files). Parameter
+names are the same in both. DeepSpeed's own gate (GShard, capacity-based, token dropping, softmax before
+top-k) is not GPT-OSS semantics, so routing and dispatch are ours:
 
     sort token->expert assignments by expert, exchange counts, all_to_all the tokens (split sizes),
     run the local experts on their contiguous segments, send results back, combine with router weights.
@@ -15,12 +17,12 @@ run through `gptoss.model.kernels.experts` (a loop, grouped GEMM on Hopper, mask
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from torch import nn
 
 from gptoss.config import ConfigError, ModelConfig
@@ -91,24 +93,22 @@ class MoEOutput(NamedTuple):
     counts: torch.Tensor  # (E,) int64 token->expert assignments of this call (all E experts, this rank's tokens)
 
 
-class MoEFeedForward(DeepSpeedMoE):
+class MoEFeedForward(nn.Module):
     """GPT-OSS MoE block: router (Linear with bias) -> top-k -> softmax over the k -> experts -> sum."""
 
     def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
-        nn.Module.__init__(self)  # DeepSpeed's __init__ would build its own GShard gate and experts
+        # Not super(): in deepspeed_moe_class() the next class is DeepSpeed's MoE, whose __init__ builds its
+        # own GShard gate and experts.
+        nn.Module.__init__(self)
         E = cfg.num_local_experts
         self.num_experts, self.top_k, self.ep_size = E, cfg.num_experts_per_tok, ep_size
         self.num_local_experts = E // ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
         self.ep_group: object | None = None
         self.ep_rank = dist.get_rank() % ep_size if ep_size > 1 else 0
         self.router = nn.Linear(cfg.hidden_size, E, bias=True)
         experts = nn.ModuleList(
             Expert(cfg.hidden_size, cfg.intermediate_size, cfg.swiglu_alpha, cfg.swiglu_limit)
             for _ in range(self.num_local_experts))
-        for p in experts.parameters():
-            p.allreduce = False  # DeepSpeed reduces these over the expert-data-parallel group instead
-            p.group_name = self.expert_group_name
         holder = self
         for name in EXPERTS_PATH[:-1]:  # plain holders on DeepSpeed's parameter path
             holder.add_module(name, nn.Module())
@@ -122,15 +122,6 @@ class MoEFeedForward(DeepSpeedMoE):
     @property
     def first_local_expert(self) -> int:
         return self.ep_rank * self.num_local_experts
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the DeepSpeed engine: create (once) and take the expert-parallel group."""
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits (N, E), chosen experts (N, k), their weights (N, k): top-k first, then softmax."""
@@ -165,7 +156,8 @@ class MoEFeedForward(DeepSpeedMoE):
         """Send each row to the rank owning its expert, run the local experts, send the results back."""
         ep, E_local = self.ep_size, self.num_local_experts
         if self.ep_group is None:
-            raise RuntimeError("expert parallelism needs the DeepSpeed engine (set_deepspeed_parallelism)")
+            raise RuntimeError("expert parallelism needs the DeepSpeed engine: build the model with "
+                               "ModelOptions(deepspeed_engine=True) and wrap it with deepspeed.initialize")
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.ep_group)  # (ep * E_local,) from each source
         send_splits = counts.view(ep, E_local).sum(1).tolist()
@@ -177,6 +169,42 @@ class MoEFeedForward(DeepSpeedMoE):
         y = self._run_local_experts(recv_x[by_expert], recv_counts.view(ep, E_local).sum(0))
         y = torch.empty_like(y).index_copy_(0, by_expert, y)  # back to (source, expert) order
         return _all_to_all(y, send_splits, recv_splits, self.ep_group)
+
+
+@functools.cache
+def deepspeed_moe_class() -> type[MoEFeedForward]:
+    """`MoEFeedForward` that is also DeepSpeed's `MoE`, for a model a DeepSpeed engine wraps; imports DeepSpeed.
+
+    The engine finds its MoE layers by `isinstance(module, MoE)`, takes their `num_experts`,
+    `num_local_experts` and `expert_group_name`, calls `set_deepspeed_parallelism`, and reduces a parameter
+    with `allreduce = False` over the expert-data-parallel group `group_name` (`is_moe_param`). One class
+    per process (cached), so every layer and isinstance check agree on it.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEFeedForward(MoEFeedForward, MoE):
+        def __init__(self, cfg: ModelConfig, ep_size: int = 1) -> None:
+            super().__init__(cfg, ep_size)
+            self.expert_group_name = f"ep_size_{ep_size}"
+            for p in self.local_experts.parameters():
+                p.allreduce = False  # reduced over the expert-data-parallel group instead
+                p.group_name = self.expert_group_name
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """Called by the engine: create (once) and take the expert-parallel group."""
+            from deepspeed.utils import groups
+
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(
+                    self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+            self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    return DeepSpeedMoEFeedForward
+
+
+def moe_layer(cfg: ModelConfig, ep_size: int, deepspeed_engine: bool) -> MoEFeedForward:
+    """A block's MoE layer: DeepSpeed's kind when an engine will wrap the model, plain torch otherwise."""
+    return (deepspeed_moe_class() if deepspeed_engine else MoEFeedForward)(cfg, ep_size)
 
 
 def expert_counts(flat_expert: torch.Tensor, num_experts: int) -> torch.Tensor:

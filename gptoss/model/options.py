@@ -19,6 +19,9 @@ class ModelOptions:
     compile: bool = False
     """torch.compile each block in place (names and state dicts unchanged); the loss head stays eager"""
     compile_backend: str = "inductor"
+    deepspeed_engine: bool = False
+    """a DeepSpeed engine will wrap the model: MoE layers are also DeepSpeed's `MoE` (`moe.deepspeed_moe_class`),
+    which imports DeepSpeed; the same parameters and state dict either way"""
 
     def __post_init__(self) -> None:
         for kind, name, names in (("attention", self.attention, ATTENTION_IMPLS), ("loss", self.loss, LOSS_IMPLS)):

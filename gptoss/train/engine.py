@@ -22,7 +22,8 @@ def build_engine(plan: Plan) -> Any:
 
     a = plan.args
     options = ModelOptions(attention=a.attn_impl, loss=a.loss_impl, activation_checkpointing=a.activation_checkpointing,
-                           compile=a.compile, compile_backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"))
+                           compile=a.compile, compile_backend=os.environ.get(COMPILE_BACKEND_ENV, "inductor"),
+                           deepspeed_engine=True)
     torch.manual_seed(a.seed)
     model = build_model(plan.cfg, ep_size=plan.ep_size, options=options)
     wd = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))

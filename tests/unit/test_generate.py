@@ -79,6 +79,27 @@ def test_batch_equals_single_rows():
     assert rows == generate_batch(model, prompts, 30, temperature=0, use_cache=False)
 
 
+def test_batch_rows_sample_what_single_runs_with_seed_plus_row_sample():
+    """Row i of a sampled batch is the single run with seed + i; each row stops at its own stop id and emits
+    nothing after it."""
+    model = tiny_model(7)
+    p = prompt(5, seed=7)
+    kw = dict(temperature=1.0, top_k=50)
+    free = [generate(model, p, 25, seed=100 + i, **kw) for i in range(4)]
+    # the stop id whose first occurrence differs most between the rows
+    stop = max(sorted(set(sum(free, []))), key=lambda t: len({r.index(t) if t in r else -1 for r in free}))
+    singles = [generate(model, p, 25, seed=100 + i, stop_ids=[stop], **kw) for i in range(4)]
+    assert len({len(r) for r in singles}) >= 3 and min(len(r) for r in singles) < 25  # the case under test
+    seen: list[tuple[int, int]] = []
+    rows = generate_batch(model, p.expand(4, -1), 25, seed=100, stop_ids=[stop],
+                          on_token=lambda row, t: seen.append((row, t)), **kw)
+    assert rows == singles
+    assert sorted(seen, key=lambda rt: rt[0]) == [(i, t) for i, r in enumerate(rows) for t in r]
+    prompts = prompt(5, seed=8, batch=3)  # different prompts too
+    assert generate_batch(model, prompts, 20, seed=9, **kw) == [generate(model, prompts[i], 20, seed=9 + i, **kw)
+                                                                 for i in range(3)]
+
+
 def test_seed_determinism():
     model = tiny_model(3)
     p = prompt(4, seed=3)
@@ -234,6 +255,26 @@ def test_cli_prints_a_story_from_an_export(full_vocab_export):
     again = run_cli(str(full_vocab_export), "--prompt", prompt_text, "--max_new_tokens", "12", "--seed", "0",
                     "--num_samples", "2", "--device", "cpu")
     assert again.stdout == proc.stdout
+
+
+def test_samples_are_one_batch_written_in_order_as_single_runs(full_vocab_export):
+    """num_samples N: the stories, written in order, are those of N single runs with seed + i, also when a
+    later story ends at its <|endoftext|> before an earlier one."""
+    from gptoss.tokenizer import EOT_ID, encode
+
+    model = load_model(full_vocab_export, "cpu", "fp32")
+    text = "A little girl went to the woods"
+    ids = torch.tensor([EOT_ID, *encode(text)])
+    with torch.no_grad():  # <|endoftext|> ties the first greedy token: some stories end at once, others run on
+        model.lm_head.weight[EOT_ID] = model.lm_head.weight[generate(model, ids, 1, temperature=0)[0]]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=5, model=model)
+    lengths = [len(r) for r in generate_batch(model, ids.repeat(4, 1), 12, temperature=1.0, top_k=5, seed=0,
+                                              stop_ids=[EOT_ID])]
+    assert any(lengths[j] < 12 <= lengths[i] for i in range(4) for j in range(i + 1, 4))  # the case under test
+    singles = [sample_text("unused", text, seed=i, write=lambda s: None, **kw)[0] for i in range(4)]
+    written: list[str] = []
+    assert sample_text("unused", text, seed=0, num_samples=4, write=written.append, **kw) == singles
+    assert written[0] == text and "".join(written) == "\n\n---\n\n".join(singles) + "\n"
 
 
 def test_cli_small_vocab_is_a_clear_error(tmp_path):

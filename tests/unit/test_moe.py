@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from gptoss.config import get_config
-from gptoss.model import build_model, param_groups
-from gptoss.model.moe import EXPERT_KEY, MoEFeedForward, expert_counts, expert_key, load_balancing_loss
+from gptoss.model import ModelOptions, build_model, param_groups
+from gptoss.model.moe import (
+    EXPERT_KEY,
+    MoEFeedForward,
+    deepspeed_moe_class,
+    expert_counts,
+    expert_key,
+    load_balancing_loss,
+)
 
 TINY = dict(vocab_size=512)
 
@@ -124,7 +131,7 @@ def test_each_forward_returns_its_own_router_statistics():
 
 def test_param_groups_no_decay_on_norms_biases_sinks_embeddings():
     torch.manual_seed(0)
-    model = build_model(get_config("tiny", **TINY))
+    model = build_model(get_config("tiny", **TINY), options=ModelOptions(deepspeed_engine=True))
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.1)
     for g in groups:
@@ -146,3 +153,26 @@ def test_expert_key_is_the_state_dict_key():
     keys = [k for k in build_model(get_config("tiny", **TINY), device="meta").state_dict() if EXPERT_KEY.match(k)]
     assert expert_key(1, 3, "down_proj") in keys and len(keys) == 2 * 4 * 4
     assert EXPERT_KEY.match(expert_key(12, 31, "gate_up_proj_bias")).groups() == ("12", "31", "gate_up_proj_bias")
+
+
+def test_deepspeed_moe_only_for_a_model_an_engine_wraps():
+    """Plain torch layers unless ModelOptions(deepspeed_engine=True); both the same parameters and computation,
+    and only the latter are DeepSpeed's MoE with expert parameters marked for the expert-data-parallel group."""
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import is_moe_param
+
+    cfg = get_config("tiny", **TINY)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    torch.manual_seed(0)
+    engine_side = build_model(cfg, options=ModelOptions(deepspeed_engine=True))
+    assert not any(isinstance(m, MoE) for m in plain.modules())
+    assert [type(b.mlp) for b in engine_side.layers] == [deepspeed_moe_class()] * 2
+    assert all(isinstance(b.mlp, MoE) and b.mlp.expert_group_name == "ep_size_1" for b in engine_side.layers)
+    a, b = plain.state_dict(), engine_side.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert {n for n, p in engine_side.named_parameters() if is_moe_param(p)} == {k for k in b if EXPERT_KEY.match(k)}
+    x = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(plain(x).logits, engine_side(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="deepspeed_engine=True"):
+        param_groups(plain, 0.1)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from gptoss.config import get_config
-from gptoss.model import build_model, param_groups
+from gptoss.model import ModelOptions, build_model, param_groups
 from gptoss.train.distributed import skip_shm_comm_build
 
 GLOBAL_BATCH, SEQ, VOCAB = 8, 24, 256
@@ -43,7 +43,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = get_config("tiny", vocab_size=VOCAB, router_aux_loss_coef=0.01)
     torch.manual_seed(0)
-    model = build_model(cfg, ep_size=args.ep_size)
+    model = build_model(cfg, ep_size=args.ep_size, options=ModelOptions(deepspeed_engine=True))
     micro = GLOBAL_BATCH // world // (2 if world == 1 else 1)  # one rank: 2 micro-batches of 4
     ds_config = {
         "train_batch_size": GLOBAL_BATCH,

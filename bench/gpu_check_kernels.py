@@ -97,7 +97,7 @@ def _fused_against_chunked(ck: Check, h: Any, w: Any, t: Any, chunk: int | None)
     """torch.__version__ against gptoss.TORCH_FLOOR, and the fused loss forward + backward in bf16 next to chunked
     on the same inputs, counting the torch.addmm calls with out_dtype (on CUDA sm80+ the fused weight gradient's
     fp32 accumulation; torch < 2.10 rejects them). Returns the row's writer, which takes plain bf16's (loss,
-    gradient) error against fp32 as the tolerance; a fused loss that raises is a FAIL row at once."""
+    gradient) error against fp32, the parity's yardstick; a fused loss that raises is a FAIL row at once."""
     import bench_loss
     import torch
     from torch.overrides import TorchFunctionMode
@@ -137,11 +137,11 @@ def _fused_against_chunked(ck: Check, h: Any, w: Any, t: Any, chunk: int | None)
     free_memory(ck)
 
     def write(plain: tuple[float, float]) -> None:
-        ok = (not low and (spy.calls > 0 or not want_addmm) and loss_d <= 2 * plain[0] + 1e-3
-              and grad_d <= 2 * plain[1] + 1e-3)
+        ok = (not low and (spy.calls > 0 or not want_addmm) and loss_d <= 4 * plain[0] + 1e-3
+              and grad_d <= 4 * plain[1] + 1e-3)
         ck.add(name, f"{'ok' if ok else 'FAIL'}: {version}", f"{addmm}; fused vs chunked at {w.shape[0]:,} rows, "
                f"{h.shape[0]} tokens: loss |Δ| {loss_d:.1e}, grads max |Δ|/max {grad_d:.1e}; pass: torch at the "
-               f"floor or above, out_dtype used where CUDA has it, within 2x plain bf16's error vs fp32 "
-               f"({plain[0]:.1e} / {plain[1]:.1e}) + 1e-3")
+               f"floor or above, out_dtype used where CUDA has it, within 4x plain bf16's error vs fp32 "
+               f"({plain[0]:.1e} / {plain[1]:.1e}) + 1e-3 (each within 2x of fp32: the parity row's bar)")
 
     return write

@@ -43,8 +43,8 @@ def device_choice(ck: Check) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     layout = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    if cuda:
-        layout["CUDA_VISIBLE_DEVICES"] = "0"
+    if cuda:  # the first GPU this process may use, alone
+        layout["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_NCCL_ASYNC_ERROR_HANDLING"}  # the default, not a user's
     env.update(layout, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()

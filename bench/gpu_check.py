@@ -8,8 +8,13 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
                --find-links`) where it is missing
   parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, forward and backward (each
                against fp32 eager, next to bf16 eager's own error); the head loss: chunked and fused vs plain
-               cross-entropy, then their time and peak memory at nano's
-               vocabulary (bench/bench_loss.py)
+               cross-entropy, then their time and peak memory at nano's vocabulary (bench/bench_loss.py); torch
+               against gptoss.TORCH_FLOOR: the fused loss in bf16 forward + backward (torch.addmm with out_dtype on
+               CUDA) vs chunked
+  platform     the GPU a rank takes with LOCAL_RANK=1 and one GPU visible (srun --gpus-per-task=1), and the NCCL
+               error handling it starts with, from init_distributed in a subprocess; the expert kernel chosen for
+               nano in bf16 (grouped only on sm_9x), then grouped (where chosen, else masked dense) vs looped
+               experts, bf16 forward + backward with idle experts: errors, idle gradients exactly 0, times
   data         gpu_kit/data's TinyStories .txt (a copy of ../shared/data/tinystories) tokenized with
                gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed
   train        the nano preset through the real trainer (launch/train.py, ds_configs/a40.json with a warmup that
@@ -39,6 +44,7 @@ from pathlib import Path
 import common
 from gpu_check_harness import DRY, GPU, KIT, PROMPT, Check, free_memory, need
 from gpu_check_kernels import attention_parity, loss_parity
+from gpu_check_platform import device_choice, expert_gating
 from gpu_check_runs import peer_step, prepare_data, train_default, train_variants
 
 # ---- environment -------------------------------------------------------------------------------------------
@@ -136,8 +142,9 @@ def story(ck: Check) -> None:
 
 STAGES: list[tuple[str, Callable[[Check], None], float]] = [
     ("environment", environment, 0), ("attention parity", attention_parity, 20), ("head loss", loss_parity, 40),
-    ("data", prepare_data, 10), ("train", train_default, 60), ("train variants", train_variants, 60),
-    ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
+    ("device choice", device_choice, 20), ("expert kernels", expert_gating, 15), ("data", prepare_data, 10),
+    ("train", train_default, 60), ("train variants", train_variants, 60), ("transformers step", peer_step, 30),
+    ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
 ]
 
 

@@ -29,13 +29,15 @@ class Sizes:
     attn: tuple[int, int, int, int, int]  # parity: kv heads, query heads, T, head_dim, sliding window
     loss: tuple[int, int, int, int | None]  # parity: tokens, hidden, vocab, chunk_tokens (None: the default)
     peer: tuple[int, int, int]  # transformers step: micro, accumulation, timed steps
+    expert_rows: int  # expert kernels: rows of one MoE layer (tokens x top-k) on `model`'s experts
     greedy_tokens: int
     story_tokens: int
     stories: int | None  # stories read per split (None: all)
 
 
-GPU = Sizes("nano", 1024, 30, None, (1, 8, 1024, 64, 128), (4096, 512, 201088, None), (16, 4, 3), 48, 120, None)
-DRY = Sizes("tiny", 64, 3, (4, 2), (2, 4, 128, 16, 16), (256, 64, 4096, 64), (2, 2, 2), 12, 24, 60)
+GPU = Sizes("nano", 1024, 30, None, (1, 8, 1024, 64, 128), (4096, 512, 201088, None), (16, 4, 3), 32768, 48, 120,
+           None)
+DRY = Sizes("tiny", 64, 3, (4, 2), (2, 4, 128, 16, 16), (256, 64, 4096, 64), (2, 2, 2), 96, 12, 24, 60)
 
 
 @dataclass

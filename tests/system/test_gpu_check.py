@@ -14,7 +14,11 @@ from gptoss.data.synthetic import generate_corpus, write_stories
 ROWS = [  # (start of the check column, what its result must start with; None: any value)
     ("environment", None), ("DeepSpeed", None),
     ("attention parity, sliding W=16, bf16", "ok"), ("attention parity, full causal, bf16", "ok"),
-    ("head loss (chunked, fused) vs plain cross-entropy, bf16", "ok"), ("data", None),
+    ("head loss (chunked, fused) vs plain cross-entropy, bf16", "ok"),
+    ("torch floor: fused head loss, bf16 forward + backward vs chunked", "ok: torch "),
+    ("device choice: LOCAL_RANK=1, one GPU visible", "ok: init_distributed with LOCAL_RANK=1 on gloo"),
+    ("expert kernel for nano, bf16", "loop; grouped: not chosen on CPU"),
+    ("experts masked_dense vs loop, bf16, idle experts", "ok"), ("data", None),
     ("tiny, a40.json: time to first step", None), ("tiny, a40.json: tokens/s", None),
     ("tiny, a40.json: MFU", "n/a"), ("tiny, a40.json: peak memory", "n/a on CPU"),
     ("--compile: tokens/s", None), ("--activation_checkpointing: tokens/s, peak memory", None),
@@ -53,5 +57,6 @@ def test_dry_run_has_every_row(tmp_path):
         assert not result.startswith(("FAIL", "skipped")), (name, rows[name])
         assert expect is None or result.startswith(expect), (name, rows[name])
     assert "60 + 20 stories" in rows["data"][1]
+    assert "weight gradients exactly 0 in both: yes" in rows["experts masked_dense vs loop, bf16, idle experts"][1]
     assert "x eager" in rows["--compile: tokens/s"][0], rows["--compile: tokens/s"]
     assert rows["sampled story"][1].split(": ", 1)[1].startswith("Once upon a time")

@@ -111,11 +111,9 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
 
 def attention_report(model: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                      token_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
-    """The `analyze.py attention` command: load a model, encode the prompt (or take its ids), draw the maps."""
+    """The `analyze.py attention` command: load a model, encode the prompt (else take the ids), draw the maps."""
     from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
 
-    if (prompt is None) == (token_ids is None):
-        raise AnalysisError("give --prompt (text) or --token_ids (ids), one of them")
     net = load_model(model)
     vocab = net.config.vocab_size
     ids = encode(prompt, vocab) if prompt is not None else check_token_ids(token_ids, vocab)

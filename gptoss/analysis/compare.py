@@ -35,7 +35,7 @@ def train_command(model: str, data: str | Path, out: str | Path, *, ds_config: s
                   seed: int = 0, extra: Sequence[str] = ()) -> list[str]:
     """The `launch/train.py` command line of one run (one process; the trainer's CPU/GPU defaults apply)."""
     if (max_steps is None) == (tokens is None):
-        raise AnalysisError("give exactly one budget: max_steps or tokens")
+        raise AnalysisError("training needs exactly one budget: --max_steps or --tokens")
     budget = ["--max_steps", str(max_steps)] if max_steps is not None else ["--tokens", str(tokens)]
     return [sys.executable, str(TRAIN_SCRIPT), "--ds_config", str(ds_config), "--model", model, "--data", str(data),
             "--out", str(out), *budget, "--seq_len", str(seq_len), "--eval_every", str(eval_every),
@@ -88,11 +88,10 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Final numbers per run; parameters from `param_counts` of the run's model_config.json."""
     rows = []
     for run in runs:
-        tokens, seconds, val = run.val_curve()
-        bpb = run.bpb_curve()[2]
+        val, bpb = run.curve("val_loss")[2], run.curve("val_bpb")[2]
         last = run.records[-1]
-        total_s = run.seconds[-1]
-        p = param_counts(run.config) if run.config is not None else None
+        total_s = last["elapsed_s"]
+        p = param_counts(run.config) if run.config is not None else {}
         rows.append({
             "run": run.name,
             "arch": run.config.arch if run.config is not None else "?",
@@ -105,30 +104,29 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "final_train_loss": next((r["loss"] for r in reversed(run.records) if r.get("loss") is not None), None),
             "train_seconds": total_s,
             "tokens_per_s": last.get("tokens", 0) / total_s if total_s else None,
-            "params_total": p["total"] if p else None,
+            "params_total": p.get("total"),
             "params_total_exported": param_counts(run.config, vocab="exported")["total"] if p else None,
-            "params_active": p["active"] if p else None,
-            "params_active_non_embedding": p["non_embedding_active"] if p else None,
+            "params_active": p.get("active"),
+            "params_active_non_embedding": p.get("non_embedding_active"),
         })
     return rows
 
 
+# (column header, row key, format: a format spec, or "M" for millions)
+COLUMNS = (("run", "run", ""), ("arch", "arch", ""), ("steps", "steps", ","), ("tokens", "tokens", ","),
+           ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
+           ("final val bpb", "final_val_bpb", ".4f"), ("best val bpb", "best_val_bpb", ".4f"),
+           ("final train loss", "final_train_loss", ".4f"), ("training s", "train_seconds", ",.1f"),
+           ("tokens/s", "tokens_per_s", ",.0f"), ("params total", "params_total", "M"),
+           ("params active", "params_active", "M"), ("active non-embedding", "params_active_non_embedding", "M"))
+
+
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    def num(v: Any, fmt: str) -> str:
-        return "n/a" if v is None else format(v, fmt)
+    def cell(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else f"{v / 1e6:.2f}M" if fmt == "M" else format(v, fmt)
 
-    def millions(v: Any) -> str:
-        return "n/a" if v is None else f"{v / 1e6:.2f}M"
-
-    head = ("| run | arch | steps | tokens | final val loss | best val loss | final val bpb | best val bpb | "
-            "final train loss | training s | tokens/s | params total | params active | active non-embedding |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "\n".join(
-        f"| {r['run']} | {r['arch']} | {num(r['steps'], ',')} | {num(r['tokens'], ',')} | "
-        f"{num(r['final_val_loss'], '.4f')} | {num(r['best_val_loss'], '.4f')} | {num(r['final_val_bpb'], '.4f')} | "
-        f"{num(r['best_val_bpb'], '.4f')} | {num(r['final_train_loss'], '.4f')} | "
-        f"{num(r['train_seconds'], ',.1f')} | {num(r['tokens_per_s'], ',.0f')} | {millions(r['params_total'])} | "
-        f"{millions(r['params_active'])} | {millions(r['params_active_non_embedding'])} |" for r in rows)
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|---|---|" + "---:|" * (len(COLUMNS) - 2) + "\n"
+    body = "\n".join("| " + " | ".join(cell(r[key], fmt) for _, key, fmt in COLUMNS) + " |" for r in rows)
     return head + body + ("\n\ntraining s: time in training steps as the trainer logs it (elapsed_s; evaluation and "
                           "checkpointing excluded); tokens/s = tokens / training s; bpb: validation bits per "
                           "UTF-8 byte (n/a for data without a text tokenizer).")
@@ -144,7 +142,7 @@ def compare(out_dir: str | Path, *, models: Sequence[str] | None = None, runs: S
             raise AnalysisError("training needs a prepared data dir (launch/prepare_data.py)")
         runs = train_runs(models, data, out_dir, log=log, **train_kw)
     loaded = [load_run(r) for r in runs or []]
-    if not any(run.val_curve()[0] for run in loaded):
+    if not any(run.curve("val_loss")[0] for run in loaded):
         raise AnalysisError("no run has a validation loss (train with --eval_every > 0)")
     from gptoss.analysis.plots import plot_loss_curves
 

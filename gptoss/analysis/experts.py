@@ -128,11 +128,7 @@ def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: s
 
     Windows of `seq_len` tokens, at most `max_batches` of them; input shorter than one window runs as one.
     """
-    if (run is None) == (model is None):
-        raise AnalysisError("give --run (metrics over training) or --model (run a model on text), one of them")
-    if text is not None and token_ids is not None:
-        raise AnalysisError("give --text or --token_ids, not both")
-    if run is not None:
+    if run is not None:  # launch/analyze.py makes --run and --model, --text and --token_ids exclusive
         if text is not None or token_ids is not None:
             raise AnalysisError("--text and --token_ids go with --model (a run's metrics need no input)")
         return expert_usage_from_run(run, out_dir)

@@ -42,20 +42,20 @@ def plot_loss_curves(runs: list[Run], path: str | Path, title: str | None = None
     training loss as faint lines behind it (validation points are few in short runs). When a run measured
     validation bits per byte, a second row shows it the same two ways."""
     plt = _pyplot()
-    with_bpb = any(run.bpb_curve()[2] for run in runs)
+    with_bpb = any(run.curve("val_bpb")[2] for run in runs)
     fig, grid = plt.subplots(2 if with_bpb else 1, 2, figsize=(12, 8.5 if with_bpb else 4.5), sharey="row",
                              squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for run, color in zip(runs, colors * (1 + len(runs) // len(colors))):
-        t_tok, t_sec, t_loss = run.train_curve()
-        v_tok, v_sec, v_loss = run.val_curve()
+        t_tok, t_sec, t_loss = run.curve("loss")
+        v_tok, v_sec, v_loss = run.curve("val_loss")
         for ax, tx, vx in ((grid[0][0], t_tok, v_tok), (grid[0][1], t_sec, v_sec)):
             if t_loss:
                 ax.plot(tx, t_loss, color=color, alpha=0.25, linewidth=1)
             if v_loss:
                 ax.plot(vx, v_loss, color=color, marker="o", markersize=3, label=f"{run.name} (val)")
         if with_bpb:
-            b_tok, b_sec, bpb = run.bpb_curve()
+            b_tok, b_sec, bpb = run.curve("val_bpb")
             for ax, bx in ((grid[1][0], b_tok), (grid[1][1], b_sec)):
                 if bpb:
                     ax.plot(bx, bpb, color=color, marker="o", markersize=3, label=f"{run.name} (val)")

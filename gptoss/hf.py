@@ -18,6 +18,7 @@ from gptoss.model.moe import EXPERT_KEY, expert_key
 from gptoss.tokenizer import BOS_ID, EOT_ID, RETURN_ID
 
 HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+GPT2_CONV1D_KEY = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # HF's Conv1D: [in, out], our Linear: [out, in]
 
 # Special ids as in the released configs (see gpt-oss-architecture.md): pad is <|endoftext|>, eos <|return|>.
 PAD_ID, EOS_ID = EOT_ID, RETURN_ID
@@ -47,9 +48,9 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF GptOss state dict -> ours (ep_size 1: every expert local, local id = global id)."""
+    """HF GptOss (or GPT2LMHeadModel) state dict -> ours (ep_size 1: every expert local, local id = global id)."""
     if cfg.arch == "gpt2":
-        raise NotImplementedError("loading HF GPT-2 weights is not needed for the baseline")
+        return from_hf_gpt2_state_dict(hf_state, cfg)
     out: dict[str, torch.Tensor] = {}
     for key, value in hf_state.items():
         m = HF_EXPERT_KEY.match(key)
@@ -155,14 +156,13 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
 # ---- GPT-2 baseline -> GPT2LMHeadModel -----------------------------------------------------------
 
 def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF GPT-2 stores its projections as Conv1D ([in, out]); ours are Linear ([out, in])."""
+    """Our GPT-2 baseline state dict -> GPT2LMHeadModel's."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key == "lm_head.weight":
             out[key] = value
             continue
-        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", key) is not None
-        out[f"transformer.{key}"] = value.t().contiguous() if is_conv1d else value
+        out[f"transformer.{key}"] = value.t().contiguous() if GPT2_CONV1D_KEY.search(key) else value
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
 
@@ -213,8 +213,7 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig)
             out[key] = value
             continue
         name = key.removeprefix("transformer.")
-        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name) is not None
-        out[name] = value.t().contiguous() if is_conv1d else value
+        out[name] = value.t().contiguous() if GPT2_CONV1D_KEY.search(name) else value
     if cfg.tie_word_embeddings and "wte.weight" in out:
         out["lm_head.weight"] = out["wte.weight"]
     return out

@@ -15,14 +15,9 @@ ranks from a file would copy that file into tiktoken's cache under a new key on 
 
 tiktoken lists 1,091 special names for the 1,090 ids 199998..201087: id 200018 is both '<|endofprompt|>' and
 '<|reserved_200018|>'. Added tokens get ids in the order given, so they are added sorted by id with the
-reserved alias dropped (as in OpenAI's release). Every build is checked before anything is written: vocab
-size, the id of every special, and the ids of a probe text against tiktoken (`TokenizerExportError`
-otherwise), so a `tokenizers` release that behaves differently fails the export instead of shipping a
-tokenizer that silently disagrees with the weights.
-
-Small (test) vocabularies hold none of these ids and never get tokenizer files. `tokenizers` is not a
-dependency of gptoss (it comes with transformers, a test extra): `mode="auto"` skips the files with one
-warning when it is missing, `mode="yes"` refuses.
+reserved alias dropped (as in OpenAI's release). Every build is checked against tiktoken before anything is
+written (`_verify`), so a `tokenizers` release that behaves differently fails the export instead of shipping a
+tokenizer that silently disagrees with the weights. `tokenizers` comes with transformers, not with gptoss.
 """
 
 from __future__ import annotations
@@ -219,10 +214,8 @@ def tokenizer_files_wanted(cfg: ModelConfig, mode: str, where: str | os.PathLike
 
 
 def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> list[str]:
-    """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary."""
-    if cfg.vocab_size != VOCAB_SIZE:
-        raise TokenizerExportError(f"vocab_size {cfg.vocab_size}: Hugging Face tokenizer files exist only for "
-                                   f"o200k_harmony's {VOCAB_SIZE} ids")
+    """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary (`tokenizer_files_wanted`
+    said yes)."""
     out_dir = Path(out_dir)
     tok = build_tokenizer()
     tok.save(str(out_dir / TOKENIZER_FILE), pretty=False)  # 12 MB instead of 28

@@ -45,21 +45,12 @@ class TokenizerError(UserError):
     """The tokenizer cannot be loaded as specified (corrupt ranks file, unwritable cache, wrong vocab)."""
 
 
-def tiktoken_cache_dir() -> Path | None:
-    """The directory `tiktoken.load.read_file_cached` uses, by its own rules; None if caching is off."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
-    elif "DATA_GYM_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
-    else:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    return Path(cache_dir) if cache_dir else None
-
-
 def cached_ranks_path() -> Path | None:
-    """Where tiktoken looks for the o200k ranks: `<cache dir>/sha1(blob URL)`."""
-    cache_dir = tiktoken_cache_dir()
-    return cache_dir / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest() if cache_dir else None
+    """Where tiktoken looks for the o200k ranks, by `tiktoken.load.read_file_cached`'s own rules:
+    `<cache dir>/sha1(blob URL)`; None if caching is off (TIKTOKEN_CACHE_DIR="")."""
+    default = os.environ.get("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", default)
+    return Path(cache_dir) / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest() if cache_dir else None
 
 
 def _sha256_matches(path: Path) -> bool:

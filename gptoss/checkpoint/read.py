@@ -1,25 +1,16 @@
 """Reading a DeepSpeed training checkpoint offline, on CPU and without launching any ranks, into our full
 state dict (our names, global expert ids): what export writes out and what sampling loads in memory.
 
-DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours. One checkpoint tag holds
-(names in `gptoss.checkpoint.layout`)
-
-    mp_rank_00_model_states.pt                          non-expert weights ("module"), client state
-                                                        ("model_config"), "num_experts" per MoE layer
-    layer_{M}_expert_{E}_mp_rank_00_model_states.pt     one file per MoE layer M and GLOBAL expert id E,
-                                                        written by whichever expert-parallel rank owns E
-    [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  rank r's flat fp32 master partitions (ZeRO-1/2)
-
-Before anything is loaded the tag is checked against the manifest in its train_state.json (`manifest`): file
-sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged tag raises `CheckpointError` naming
-the file, expected and found, and the newest older tag that verifies. By default the module weights are read
-(bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32 master weights from the optimizer
-partitions instead (see `_master_weights`), for every expert-parallel size. A missing `latest`/tag/expert
-file, or weights whose keys or shapes differ from the model config, raise `CheckpointError` naming the file, the
-key, and expected vs found (files are checked for presence before any weight is read, shapes as each piece is
-read). The module weights come in pieces (non-expert weights, then one MoE layer at a time), so a consumer
-that streams them holds about one layer's experts at once; the master-weight path holds the whole fp32 model,
-since partitions must be reassembled first.
+DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours; the files of a tag are listed in
+`gptoss.checkpoint.layout`. Before anything is loaded the tag is checked against the manifest in its
+train_state.json (`manifest`): file sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged
+tag raises `CheckpointError` naming the file, expected and found, and the newest older tag that verifies. By
+default the module weights are read (bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32 master
+weights from the optimizer partitions instead (see `_master_weights`), for every expert-parallel size. A missing
+`latest`/tag/expert file, or weights whose keys or shapes differ from the model config, raise `CheckpointError`
+naming the file, the key, and expected vs found. The module weights come in pieces (non-expert weights, then one
+MoE layer at a time), so a consumer that streams them holds about one layer's experts at once; the master-weight
+path holds the whole fp32 model, since partitions must be reassembled first.
 """
 
 from __future__ import annotations
@@ -55,10 +46,6 @@ class Checkpoint:
     config: ModelConfig
     config_source: str
     states: dict[str, Any]
-
-    @property
-    def tag(self) -> str:
-        return self.tag_dir.name
 
 
 def _is_tag_dir(path: Path) -> bool:
@@ -159,30 +146,29 @@ def _check_expert_counts(ckpt: Checkpoint) -> None:
                               f"{ckpt.config_source} expects {want}: the config does not match the weights")
 
 
-def _split(expected: dict[str, torch.Size]) -> tuple[dict[str, torch.Size], dict[int, dict[str, torch.Size]]]:
-    """Expected shapes -> (non-expert keys, {layer: that layer's expert keys})."""
-    dense: dict[str, torch.Size] = {}
-    per_layer: dict[int, dict[str, torch.Size]] = {}
-    for k, shape in expected.items():
-        m = EXPERT_KEY.match(k)
-        if m:
-            per_layer.setdefault(int(m[1]), {})[k] = shape
-        else:
-            dense[k] = shape
-    return dense, per_layer
-
-
-def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Our state dict in validated pieces: the non-expert weights, then each MoE layer's experts
-    gathered from the per-expert files of every expert-parallel rank (global ids)."""
+def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
+                      progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Validated pieces of our full state dict: the non-expert weights, then each MoE layer's experts gathered
+    from the per-expert files of every expert-parallel rank (global ids); with `master_weights`, the fp32 master
+    weights in one piece instead."""
     cfg = ckpt.config
     _check_expert_counts(ckpt)
-    dense_shapes, layer_shapes = _split(expected_shapes(cfg))
-    layers = sorted(layer_shapes)  # every file is there: the manifest was checked when the tag was opened
-    dense = _checked_dense(ckpt, dense_shapes)
+    expected = expected_shapes(cfg)
+    per_layer: dict[int, dict[str, torch.Size]] = {}
+    for k, shape in expected.items():
+        if m := EXPERT_KEY.match(k):
+            per_layer.setdefault(int(m[1]), {})[k] = shape
+    # DeepSpeed keeps experts out of "module" for MoE models; any copy there would carry local ids. The module
+    # weights are checked with master_weights too: a config that does not match them must not slip through.
+    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
+    check_shapes(dense, {k: v for k, v in expected.items() if not EXPERT_KEY.match(k)},
+                 str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
     _tick(progress)
+    if master_weights:
+        yield _master_weights(ckpt, expected, progress)
+        return
     yield dense
-    for moe_layer, layer in enumerate(layers):
+    for moe_layer, layer in enumerate(sorted(per_layer)):  # every file is there: the manifest was checked
         experts: dict[str, torch.Tensor] = {}
         for e in range(cfg.num_local_experts):
             f = expert_file(ckpt.tag_dir, moe_layer, e)
@@ -193,17 +179,8 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
                 raise CheckpointError(f"{f}: expected keys {sorted(want)}, found {got}")
             experts.update(part)
             _tick(progress)
-        check_shapes(experts, layer_shapes[layer], f"{ckpt.tag_dir} (layer {layer} expert files)",
-                     ckpt.config_source)
+        check_shapes(experts, per_layer[layer], f"{ckpt.tag_dir} (layer {layer} expert files)", ckpt.config_source)
         yield experts
-
-
-def _checked_dense(ckpt: Checkpoint, dense_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The non-expert weights of "module", checked against the config. DeepSpeed keeps experts out of
-    "module" for MoE models; any copy there would carry local ids."""
-    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
-    check_shapes(dense, dense_shapes, str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
-    return dense
 
 
 def _tick(progress: Any) -> None:
@@ -293,21 +270,6 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
         raise CheckpointError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
                               "not found in the optimizer states (frozen parameters are not supported)")
     return out
-
-
-def _master_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    _check_expert_counts(ckpt)
-    expected = expected_shapes(ckpt.config)
-    # The module weights are checked too: a config that does not match them must not slip through.
-    _checked_dense(ckpt, _split(expected)[0])
-    _tick(progress)
-    yield _master_weights(ckpt, expected, progress)
-
-
-def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
-                      progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Validated pieces of our full state dict, from the module weights or the fp32 master weights."""
-    return _master_chunks(ckpt, progress) if master_weights else iter_module_chunks(ckpt, progress)
 
 
 def load_state_dict(path: str | os.PathLike, tag: str | None = None,

@@ -74,11 +74,13 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
 
 
 def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Stream the tokenized split into `path` (`layout.write_split`), with a progress bar."""
+    """Stream the tokenized split into `path` (`layout.write_split`), with a progress bar; its meta entry counts
+    the documents' UTF-8 bytes too."""
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
     total = pc.sum(ds.with_format("arrow")["len"]).as_py()
+    utf8_bytes = int(pc.sum(ds.with_format("arrow")["bytes"]).as_py())
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
         def chunks() -> Iterator[np.ndarray]:
             for table in ds.with_format("arrow").iter(batch_size=10_000):
@@ -89,13 +91,7 @@ def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.nd
         info, counts = write_split(path, chunks(), VOCAB_SIZE)
     if info["tokens"] != total:
         raise DataError(f"wrote {info['tokens']} tokens to {path}, expected {total}")
-    return info, counts
-
-
-def _utf8_bytes(tokenized: Any) -> int:
-    import pyarrow.compute as pc
-
-    return int(pc.sum(tokenized.with_format("arrow")["bytes"]).as_py())
+    return {**info, "documents": ds.num_rows, "bytes": utf8_bytes}, counts
 
 
 def _synthetic_splits(n: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -205,8 +201,7 @@ def prepare_dataset(
                 raise DataError(f"{description}: split '{split}' has no non-empty documents")
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
             info, id_counts[split] = _write_split(tokenized, tmp_bins[split], split)
-            stats[split] = {"file": f"{split}.bin", **info, "documents": tokenized.num_rows,
-                            "bytes": _utf8_bytes(tokenized)}
+            stats[split] = {"file": f"{split}.bin", **info}
         write_token_counts(counts_tmp, id_counts)
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())

@@ -25,6 +25,7 @@ template grammar fixes most words, so its floor sits below natural text's.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -90,12 +91,7 @@ class _Sampler(Choices):
     def _choose(self, n: int, weights: Weights, texts: Sequence[str] | None) -> int:
         if weights is None:
             return self.rng.randrange(n)
-        r = self.rng.randrange(sum(weights))
-        for i, w in enumerate(weights):
-            r -= w
-            if r < 0:
-                return i
-        raise AssertionError("unreachable")
+        return bisect.bisect_right(list(itertools.accumulate(weights)), self.rng.randrange(sum(weights)))
 
 
 def generate_story(rng: random.Random) -> Story:

@@ -1,9 +1,5 @@
-"""Reading an export directory back: config and state dict under our names, global expert ids.
-
-Three kinds are read: ours with HF names (config.json + gptoss_config.json), our own format (gptoss_config.json
-alone: our names) and a GptOss directory written by transformers (config.json alone). The state dict is checked
-against the config exactly as a checkpoint's is (`gptoss.checkpoint.read.check_shapes`).
-"""
+"""Reading an export directory back: config and state dict under our names, global expert ids, checked against
+the config exactly as a checkpoint's is (`gptoss.checkpoint.read.check_shapes`)."""
 
 from __future__ import annotations
 
@@ -25,7 +21,7 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
     GptOss HF dir (config.json alone)."""
     from safetensors.torch import load_file
 
-    from gptoss.hf import from_hf_config, from_hf_gpt2_state_dict, from_hf_state_dict
+    from gptoss.hf import from_hf_config, from_hf_state_dict
 
     path = Path(path)
     hf_names = (path / HF_CONFIG_NAME).is_file()
@@ -53,8 +49,6 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
         state = stored
         if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:
             state.setdefault("lm_head.weight", state["wte.weight"])
-    elif cfg.arch == "gpt2":
-        state = from_hf_gpt2_state_dict(stored, cfg)
     else:
         state = from_hf_state_dict(stored, cfg)
     check_shapes(state, expected_shapes(cfg), str(path), "its config")

@@ -80,7 +80,7 @@ def main(args: TrainArgs) -> int:
         resume = decide_resume(plan)
     except UserError as e:
         if lock is not None:
-            lock.release()
+            lock.close()
         if env_int("RANK", 0) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -107,7 +107,7 @@ def main(args: TrainArgs) -> int:
             os._exit(EXIT_LOST_RANK)
     finally:
         if lock is not None:
-            lock.release()  # the next run on this --out may start
+            lock.close()  # the next run on this --out may start
 
 
 def _latest_or_none(plan: Plan) -> str | None:

@@ -71,13 +71,11 @@ def harmony_special_tokens() -> dict[str, int]:
     """o200k_harmony's special tokens, name -> id, sorted by id, one name per id (the alias
     '<|reserved_200018|>' of '<|endofprompt|>' dropped); the ids must be exactly 199998..201087."""
     enc = get_encoding()
-    specials: dict[str, int] = {}
-    seen: set[int] = set()
+    by_id: dict[int, str] = {}
     # At a shared id, a real name sorts before its '<|reserved_N|>' alias and wins.
     for name, i in sorted(enc._special_tokens.items(), key=lambda kv: (kv[1], kv[0].startswith("<|reserved_"))):
-        if i not in seen:
-            specials[name] = i
-            seen.add(i)
+        by_id.setdefault(i, name)
+    specials = {name: i for i, name in by_id.items()}
     n_ranks = len(enc._mergeable_ranks)
     if list(specials.values()) != list(range(n_ranks, enc.n_vocab)):
         raise TokenizerExportError(f"tiktoken's o200k_harmony special ids are not {n_ranks}..{enc.n_vocab - 1} "

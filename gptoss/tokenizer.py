@@ -157,11 +157,7 @@ def token_byte_lengths() -> np.ndarray:
 
 def encode_documents(texts: Sequence[str]) -> list[int]:
     """Concatenate documents, each followed by <|endoftext|>: the layout of the training .bin files."""
-    ids: list[int] = []
-    for doc in get_encoding().encode_ordinary_batch(list(texts)):
-        ids.extend(doc)
-        ids.append(EOT_ID)
-    return ids
+    return [i for doc in get_encoding().encode_ordinary_batch(list(texts)) for i in (*doc, EOT_ID)]
 
 
 def render_chat(messages: Sequence[dict[str, str]]) -> list[int]:

@@ -29,23 +29,18 @@ KV_KINDS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "
 
 def resolve_config(spec: str) -> ModelConfig:
     """A preset name, a ModelConfig JSON, a transformers config.json, or a run / export dir holding one."""
-    if spec in PRESETS:
-        return get_config(spec)
     path = Path(spec)
-    if path.is_dir():
-        for name in ("gptoss_config.json", "model_config.json", "config.json"):
-            if (path / name).is_file():
-                return resolve_config(str(path / name))
-        raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
-    if not path.is_file():
-        raise AnalysisError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a JSON file or a run/export dir")
-    d = read_json_object(path, AnalysisError)
-    if d.get("model_type") == "gpt_oss":  # a transformers config.json (an export)
-        from gptoss.hf import from_hf_config
-
-        return from_hf_config(d)
+    if spec not in PRESETS and path.is_dir():
+        found = [path / n for n in ("gptoss_config.json", "model_config.json", "config.json") if (path / n).is_file()]
+        if not found:
+            raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
+        spec, path = str(found[0]), found[0]
     try:
-        return ModelConfig.from_dict(d, source=str(path))
+        if spec not in PRESETS and path.is_file() and (d := read_json_object(path)).get("model_type") == "gpt_oss":
+            from gptoss.hf import from_hf_config  # a transformers config.json (an export)
+
+            return from_hf_config(d)
+        return get_config(spec)
     except (ConfigError, TypeError) as e:
         raise AnalysisError(str(e)) from e
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, ancestors, missing_expert_message, read_train_state
+from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, ancestors, read_train_state
 from gptoss.errors import CheckpointError
 
 MANIFEST = "manifest"  # the key of train_state.json that holds it
@@ -103,11 +103,12 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
 # ---- verification ------------------------------------------------------------------------------------------
 
 def _missing(tag_dir: Path, name: str, entry: dict[str, Any], files: dict[str, Any]) -> str:
-    m = EXPERT_FILE.match(name)
-    if m:
+    if m := EXPERT_FILE.match(name):
         experts = [n for n in files if EXPERT_FILE.match(n)]
         found = sum((tag_dir / n).is_file() for n in experts)
-        return missing_expert_message(tag_dir / name, int(m[1]), int(m[2]), found, len(experts))
+        return (f"{tag_dir / name}: expert file missing (layer {m[1]}, expert {m[2]}); found {found} of "
+                f"{len(experts)} expert files in {tag_dir}. With expert parallelism each rank writes its own "
+                "experts: copy the files of every rank/node")
     return f"{tag_dir / name}: missing (the manifest lists {entry['size']:,} bytes written by rank {entry['rank']})"
 
 

@@ -131,10 +131,9 @@ def prepare_dataset(
     instead writes N stories of gptoss's own grammar (`gptoss.data.synthetic`, seeded by `seed`) plus
     N // 10 (at least 1) validation stories, and records their exact entropy in meta.json["synthetic"].
     Each split's meta records its UTF-8 bytes (for bits per byte). The validation split is the source's own
-    (hub: `val_split` or the first of validation/valid/val/dev; files: names containing
-    valid/validation/val/dev) when there is one,
-    else a seeded random `val_fraction` of the documents (at least one). Finished output with the same
-    settings is left as is unless `force`.
+    (hub: `val_split` or the first of validation/valid/val/dev; files: names containing valid/validation/val/dev)
+    when there is one, else a seeded random `val_fraction` of the documents (at least one). Finished output with
+    the same settings is left as is unless `force`.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -167,20 +166,15 @@ def prepare_dataset(
         log.info("%s is already prepared (%s); nothing to do (force=True re-prepares)", out, meta["source"])
         return meta
 
-    synthetic_info = None
+    extra = {}
     if synthetic is not None:
-        splits, synthetic_info = _synthetic_splits(synthetic, seed)
-        text_column = "text"
-    elif files is not None:
-        splits = load_files(files, text_column)
+        splits, extra["synthetic"] = _synthetic_splits(synthetic, seed)
+        text_column, val_from = "text", "synthetic stories drawn after the training ones"
     else:
-        splits = load_hub(source or DEFAULT_SOURCE, train_split, val_split)
-    check_columns(splits, text_column, description)
-    if synthetic_info is not None:
-        val_from = "synthetic stories drawn after the training ones"
-    elif "val" in splits:
+        splits = load_files(files, text_column) if files else load_hub(source or DEFAULT_SOURCE, train_split, val_split)
         val_from = "source validation split"
-    else:
+    check_columns(splits, text_column, description)
+    if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed, description)
         val_from = f"seeded holdout (val_fraction={val_fraction}, seed={seed})"
 
@@ -208,8 +202,7 @@ def prepare_dataset(
         meta = new_meta(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, eot_id=EOT_ID, source=description,
                         splits=stats, val_from=val_from, settings=settings, seconds=round(seconds, 3),
                         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        **({"synthetic": synthetic_info} if synthetic_info is not None else {}))
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
         (out / META_NAME).unlink(missing_ok=True)  # from here until the end the dir is "unfinished"
         for split, tmp in tmp_bins.items():
             os.replace(tmp, out / stats[split]["file"])

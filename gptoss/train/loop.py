@@ -45,11 +45,9 @@ EXIT_LOST_RANK = 4
 class StopFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, the ranks agree, a checkpoint is saved."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self) -> None:
         self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True

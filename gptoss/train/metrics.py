@@ -89,7 +89,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        record = {k: _finite_or_none(v) for k, v in record.items()}  # NaN/inf are not JSON: null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v  # NaN/inf are not JSON: null
+                  for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -101,10 +102,6 @@ class MetricsLog:
     def close(self, exit_code: int) -> None:
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)  # W&B marks the run failed unless it is 0
-
-
-def _finite_or_none(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def run_args(plan: Plan) -> dict[str, Any]:

@@ -35,12 +35,6 @@ class AttentionMap:
         return self.sink.mean(-1)
 
 
-def default_layers(model: nn.Module) -> list[int]:
-    """The first sliding and the first full layer (the two kinds GPT-OSS alternates)."""
-    types = list(_config(model).layer_types)
-    return [types.index(t) for t in ("sliding_attention", "full_attention") if t in types]
-
-
 def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "arch", None) != "gpt_oss":
@@ -55,7 +49,8 @@ def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] 
     from gptoss.model.attention import attention_mask, attention_probs
 
     cfg = _config(model)
-    layers = default_layers(model) if layers is None else layers
+    if layers is None:  # the first sliding and the first full layer (the two kinds GPT-OSS alternates)
+        layers = [cfg.layer_types.index(t) for t in ("sliding_attention", "full_attention") if t in cfg.layer_types]
     bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
     if bad:
         raise AnalysisError(f"layers {bad}: the model has layers 0..{cfg.num_hidden_layers - 1}")

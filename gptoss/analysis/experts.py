@@ -138,15 +138,13 @@ def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: s
     net = load_model(model)
     if token_ids is not None:
         ids = check_token_ids(token_ids, net.config.vocab_size)
-    else:
-        if text is None:  # a few stories of gptoss's own grammar
-            from gptoss.data.synthetic import generate_corpus
+    elif text is None:  # a few stories of gptoss's own grammar
+        from gptoss.data.synthetic import generate_corpus
 
-            sample = "\n".join(s.text for s in generate_corpus(20, seed=0))
-        elif not Path(text).is_file():
-            raise AnalysisError(f"--text {text}: no such file")
-        else:
-            sample = Path(text).read_text(encoding="utf-8")
-        ids = encode(sample, net.config.vocab_size)
+        ids = encode("\n".join(s.text for s in generate_corpus(20, seed=0)), net.config.vocab_size)
+    elif not Path(text).is_file():
+        raise AnalysisError(f"--text {text}: no such file")
+    else:
+        ids = encode(Path(text).read_text(encoding="utf-8"), net.config.vocab_size)
     batches = token_batches(ids, min(seq_len, len(ids)), max_batches)
     return expert_usage_from_model(net, batches, out_dir, name=Path(model).name)

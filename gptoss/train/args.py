@@ -139,9 +139,6 @@ def check_args(a: TrainArgs) -> None:
     from gptoss.model.kernels.attention import ATTENTION_IMPLS
     from gptoss.model.kernels.head_loss import LOSS_IMPLS
 
-    if a.vocab not in VOCAB_CHOICES:
-        raise TrainError(f"--vocab={a.vocab}: expected one of {', '.join(VOCAB_CHOICES)}")
-    if a.attn_impl not in ATTENTION_IMPLS:
-        raise TrainError(f"--attn_impl={a.attn_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")
-    if a.loss_impl not in LOSS_IMPLS:
-        raise TrainError(f"--loss_impl={a.loss_impl}: expected one of {', '.join(LOSS_IMPLS)}")
+    for name, choices in (("vocab", VOCAB_CHOICES), ("attn_impl", ATTENTION_IMPLS), ("loss_impl", LOSS_IMPLS)):
+        if getattr(a, name) not in choices:
+            raise TrainError(f"--{name}={getattr(a, name)}: expected one of {', '.join(choices)}")

@@ -81,10 +81,7 @@ def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else None
     applied = engine.was_step_applied() and vals[2] == 0
-    expert = None
-    if counts is not None:
-        E = counts.shape[1]
-        expert = [vals[4 + i * E: 4 + (i + 1) * E] for i in range(counts.shape[0])]
+    expert = packed[4:].view(counts.shape).tolist() if counts is not None else None
     return StepStats(loss=vals[0] / plan.world_size, aux_loss=vals[1] / plan.world_size, applied=applied,
                      stop=vals[3] > 0, grad_norm=grad_norm, expert_counts=expert)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gptoss.analysis import AnalysisError
-from gptoss.analysis.attention import attention_figure, attention_maps, default_layers
+from gptoss.analysis.attention import attention_figure, attention_maps
 from gptoss.analysis.compare import compare, summarize, train_command
 from gptoss.analysis.experts import (
     expert_counts_from_model,
@@ -281,12 +281,12 @@ def test_attention_maps_reproduce_the_layer_output():
 
 def test_attention_figure_and_sink_table(tmp_path):
     model = tiny_model(2)
-    assert default_layers(model) == [0, 1]
     ids = torch.randint(0, 512, (1, 20))
     paths = attention_figure(model, ids, tmp_path, tokens=[f"t{i}" for i in range(20)])
     assert_png(paths["png"])
     md = paths["md"].read_text()
     maps = attention_maps(model, ids)
+    assert [m.layer for m in maps] == [0, 1]  # by default the first sliding and the first full layer
     assert f"{maps[0].sink_mass_per_head[0].item():.3f}" in md
     with pytest.raises(AnalysisError, match="layers"):
         attention_maps(model, ids, layers=[5])

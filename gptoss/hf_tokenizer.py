@@ -211,7 +211,7 @@ def tokenizer_files_wanted(cfg: ModelConfig, mode: str, where: str | os.PathLike
     return True
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> list[str]:
+def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> None:
     """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary (`tokenizer_files_wanted`
     said yes)."""
     out_dir = Path(out_dir)
@@ -221,4 +221,3 @@ def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> list[
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "pad_token")}
     (out_dir / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
-    return list(TOKENIZER_FILES)

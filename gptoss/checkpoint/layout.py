@@ -18,6 +18,7 @@ tag (see `manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -131,16 +132,12 @@ def prune(ckpt_dir: Path, tag: str, keep_last: int) -> None:
 # ---- durable writes ----------------------------------------------------------------------------------------
 
 def _fsync(path: Path, directory: bool = False) -> None:
-    try:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; durability is then theirs
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; durability is then theirs to give
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_tree(tag_dir: Path) -> None:

@@ -157,15 +157,11 @@ def load_hub(name: str, train_split: str, val_split: str | None) -> dict[str, An
             f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {first}); "
             "offline, HF_HUB_OFFLINE=1 loads a copy already in the HF cache, else pass a local file, dir or glob"
         ) from e
-    if train_split not in dd:
-        raise DataError(f"hub dataset '{name}' has no split '{train_split}'; splits: {list(dd)}")
-    out = {"train": dd[train_split]}
-    if val_split is not None and val_split not in dd:
-        raise DataError(f"hub dataset '{name}' has no split '{val_split}'; splits: {list(dd)}")
+    for split in (train_split, val_split):
+        if split is not None and split not in dd:
+            raise DataError(f"hub dataset '{name}' has no split '{split}'; splits: {list(dd)}")
     val = val_split or next((s for s in VAL_SPLIT_NAMES if s in dd), None)
-    if val is not None:
-        out["val"] = dd[val]
-    return out
+    return {"train": dd[train_split], **({"val": dd[val]} if val is not None else {})}
 
 
 def check_columns(splits: dict[str, Any], text_column: str, description: str) -> None:
@@ -175,10 +171,8 @@ def check_columns(splits: dict[str, Any], text_column: str, description: str) ->
                 f"{description}: no text column '{text_column}' in split '{split}'; "
                 f"columns: {ds.column_names} (choose one with --text_column)"
             )
-        dtype = getattr(ds.features[text_column], "dtype", None)
-        if dtype not in ("string", "large_string"):
-            feature = ds.features[text_column]
-            raise DataError(f"{description}: column '{text_column}' holds {feature}, not text")
+        if getattr(ds.features[text_column], "dtype", None) not in ("string", "large_string"):
+            raise DataError(f"{description}: column '{text_column}' holds {ds.features[text_column]}, not text")
         if ds.num_rows == 0:
             raise DataError(f"{description}: split '{split}' is empty (no documents)")
 

@@ -46,15 +46,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None =
            config: ModelConfig | str | os.PathLike | None = None, dtype: str | None = None,
            master_weights: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
            progress: bool = True, tokenizer: str = "auto", verify_checkpoint: bool = False) -> Path:
-    """Checkpoint -> `out`: safetensors weights in HF names, config.json, generation_config.json and our
-    gptoss_config.json; with o200k_harmony's vocabulary also the Hugging Face tokenizer files (`tokenizer`:
-    "auto", "yes" or "no", see `save_export`).
-
-    dtype: "bf16" or "fp32"; None keeps the checkpoint's (fp32 with master_weights). The GPT-2 baseline
-    exports to a `GPT2LMHeadModel` directory when its shape allows, otherwise to our own format (see
-    `save_export`). The checkpoint is checked against its manifest first: file sizes, and with
-    verify_checkpoint the crc32 of every file (see `gptoss.checkpoint.manifest`).
-    """
+    """Checkpoint -> export dir `out` (see `save_export`), after checking the checkpoint against its manifest
+    (file sizes; with verify_checkpoint the crc32 of every file). dtype: "bf16" or "fp32"; None keeps the
+    checkpoint's (fp32 with master_weights)."""
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     _check_out(Path(out), overwrite)

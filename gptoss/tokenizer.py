@@ -142,16 +142,9 @@ def token_byte_lengths() -> np.ndarray:
     Bits per byte divides a loss in bits by the bytes of the predicted tokens, so that tokenizers (and the
     <|endoftext|> between stories) compare fairly: the ordinary ids of a text decode to exactly its bytes.
     """
-    enc = get_encoding()
-    special = set(enc.special_tokens_set)
     lengths = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    for i in range(VOCAB_SIZE):
-        try:
-            token = enc.decode_single_token_bytes(i)
-        except KeyError:  # a reserved id with no token
-            continue
-        if token.decode("utf-8", errors="replace") not in special:
-            lengths[i] = len(token)
+    for token, i in get_encoding()._mergeable_ranks.items():  # the ordinary ids; specials lie above them
+        lengths[i] = len(token)
     return lengths
 
 

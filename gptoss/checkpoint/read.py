@@ -12,7 +12,7 @@ since the optimizer partitions must be reassembled first.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,10 +139,10 @@ def _check_expert_counts(ckpt: Checkpoint) -> None:
 
 
 def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
-                      progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
+                      tick: Callable[[], object] = lambda: None) -> Iterator[dict[str, torch.Tensor]]:
     """Validated pieces of our full state dict: the non-expert weights, then each MoE layer's experts gathered
     from the per-expert files of every expert-parallel rank (global ids); with `master_weights`, the fp32 master
-    weights in one piece instead."""
+    weights in one piece instead. `tick` is called after each file read (a progress bar)."""
     cfg = ckpt.config
     _check_expert_counts(ckpt)
     expected = expected_shapes(cfg)
@@ -155,9 +155,9 @@ def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
     dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
     check_shapes(dense, {k: v for k, v in expected.items() if not EXPERT_KEY.match(k)},
                  str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
-    _tick(progress)
+    tick()
     if master_weights:
-        yield _master_weights(ckpt, expected, progress)
+        yield _master_weights(ckpt, expected, tick)
         return
     yield dense
     for moe_layer, layer in enumerate(sorted(per_layer)):  # every file is there: the manifest was checked
@@ -170,14 +170,9 @@ def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
                 got = sorted(part) if isinstance(part, dict) else type(part).__name__
                 raise CheckpointError(f"{f}: expected keys {sorted(want)}, found {got}")
             experts.update(part)
-            _tick(progress)
+            tick()
         check_shapes(experts, per_layer[layer], f"{ckpt.tag_dir} (layer {layer} expert files)", ckpt.config_source)
         yield experts
-
-
-def _tick(progress: Any) -> None:
-    if progress is not None:
-        progress.update(1)
 
 
 def n_files_to_read(ckpt: Checkpoint, master_weights: bool) -> int:
@@ -197,7 +192,7 @@ def _optim_files(tag_dir: Path) -> dict[int, Path]:
     return files
 
 
-def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress: Any = None
+def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], tick: Callable[[], object]
                     ) -> dict[str, torch.Tensor]:
     """The fp32 master weights, reassembled from every rank's flat optimizer partitions.
 
@@ -241,7 +236,7 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
                     name = expert_key(int(m[1]), (r % ep) * (E_total // ep) + int(m[2]), m[3])
                 piece = flat.narrow(0, frag.start, frag.numel).clone()
                 parts.setdefault(name, []).append((order, piece))
-        _tick(progress)
+        tick()
     out: dict[str, torch.Tensor] = {}
     for name, pieces in parts.items():
         if name not in expected:

@@ -59,8 +59,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None =
 
     with tqdm(total=n_files_to_read(ckpt, master_weights), desc=f"export {ckpt.tag_dir.name}", unit="file",
               disable=not progress) as bar:
-        return save_export(iter_state_chunks(ckpt, master_weights, bar), ckpt.config, out, dtype=target,
-                           max_shard_size=max_shard_size, overwrite=overwrite, tokenizer=tokenizer)
+        chunks = iter_state_chunks(ckpt, master_weights, lambda: bar.update(1))
+        return save_export(chunks, ckpt.config, out, dtype=target, max_shard_size=max_shard_size,
+                           overwrite=overwrite, tokenizer=tokenizer)
 
 
 def save_model(model: torch.nn.Module, out: str | os.PathLike, *, dtype: torch.dtype | None = None,

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
+from gptoss.analysis.plots import plot_attention
+from gptoss.model.attention import attention_mask, attention_probs
 
 
 @dataclass
@@ -46,8 +49,6 @@ def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
 def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
                    ) -> list[AttentionMap]:
     """Attention maps of the given layers (default: first sliding and first full) for one prompt (1, T)."""
-    from gptoss.model.attention import attention_mask, attention_probs
-
     cfg = _config(model)
     if layers is None:  # the first sliding and the first full layer (the two kinds GPT-OSS alternates)
         layers = [cfg.layer_types.index(t) for t in ("sliding_attention", "full_attention") if t in cfg.layer_types]
@@ -84,8 +85,6 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
                      tokens: list[str] | None = None) -> dict[str, Path]:
     """attention.png (per-head maps + sink bars), attention.md (sink mass per head per layer) and
     attention.json (the same numbers, with the token ids)."""
-    from gptoss.analysis.plots import plot_attention
-
     maps = attention_maps(model, input_ids, layers)
     out = Path(out_dir)
     paths = {"png": out / "attention.png", "md": out / "attention.md", "json": out / "attention.json"}
@@ -107,8 +106,6 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
 def attention_report(model: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                      token_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
     """The `analyze.py attention` command: load a model, encode the prompt (else take the ids), draw the maps."""
-    from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
-
     net = load_model(model)
     vocab = net.config.vocab_size
     ids = encode(prompt, vocab) if prompt is not None else check_token_ids(token_ids, vocab)

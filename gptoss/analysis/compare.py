@@ -17,7 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.plots import plot_loss_curves
 from gptoss.analysis.runs import Run, load_run
 from gptoss.config import param_counts
 
@@ -43,15 +46,9 @@ def train_command(model: str, data: str | Path, out: str | Path, *, ds_config: s
 
 
 def _train_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), as the Makefile sets
-    except ImportError:
-        pass
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), as the Makefile sets
     return env
 
 
@@ -144,8 +141,6 @@ def compare(out_dir: str | Path, *, models: Sequence[str] | None = None, runs: S
     loaded = [load_run(r) for r in runs or []]
     if not any(run.curve("val_loss")[0] for run in loaded):
         raise AnalysisError("no run has a validation loss (train with --eval_every > 0)")
-    from gptoss.analysis.plots import plot_loss_curves
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "comparison.png", "md": out / "comparison.md"}

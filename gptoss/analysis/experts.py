@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.loading import check_token_ids, encode, load_model
+from gptoss.analysis.plots import plot_expert_counts, plot_expert_load
+from gptoss.analysis.runs import read_metrics
+from gptoss.data.synthetic import generate_corpus
 
 
 def expert_load_from_metrics(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,9 +86,6 @@ def imbalance_markdown(load: np.ndarray, columns: dict[str, int]) -> str:
 def expert_usage_from_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """expert_usage_training.png (per-layer heatmaps over steps), .md (imbalance, first vs last step) and
     .json (the logged steps and loads)."""
-    from gptoss.analysis.plots import plot_expert_load
-    from gptoss.analysis.runs import read_metrics
-
     steps, load = expert_load_from_metrics(read_metrics(run_dir))
     out = Path(out_dir)
     paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md",
@@ -101,8 +102,6 @@ def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], o
                             name: str = "model") -> dict[str, Path]:
     """expert_usage_model.png (layers x experts shares), .md (imbalance) and .json (the counts) from running
     the model on the batches."""
-    from gptoss.analysis.plots import plot_expert_counts
-
     batches = list(batches)
     counts = expert_counts_from_model(model, batches).numpy()
     tokens = sum(b.numel() for b in batches)
@@ -134,13 +133,10 @@ def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: s
         return expert_usage_from_run(run, out_dir)
     if seq_len < 1 or max_batches < 1:
         raise AnalysisError(f"--seq_len {seq_len} --max_batches {max_batches}: both must be >= 1")
-    from gptoss.analysis.loading import check_token_ids, encode, load_model
     net = load_model(model)
     if token_ids is not None:
         ids = check_token_ids(token_ids, net.config.vocab_size)
     elif text is None:  # a few stories of gptoss's own grammar
-        from gptoss.data.synthetic import generate_corpus
-
         ids = encode("\n".join(s.text for s in generate_corpus(20, seed=0)), net.config.vocab_size)
     elif not Path(text).is_file():
         raise AnalysisError(f"--text {text}: no such file")

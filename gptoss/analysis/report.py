@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.plots import plot_report
 from gptoss.analysis.units import BYTES, COUNT, scaled
 from gptoss.config import (
     PRESETS,
@@ -112,8 +113,6 @@ def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:
 def write_report(models: list[str], out_dir: str | Path, context: int = 4096,
                  bytes_per_elem: int = 2) -> dict[str, Path]:
     """report.md and report.png (+ report.json with the raw numbers) in out_dir; returns their paths."""
-    from gptoss.analysis.plots import plot_report
-
     if context < 1:
         raise AnalysisError(f"--context {context}: must be >= 1")
     numbers = {spec if spec in PRESETS else Path(spec).stem: architecture_numbers(resolve_config(spec), context,

@@ -30,6 +30,7 @@ from gptoss.checkpoint.layout import (
 from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import CheckpointError
+from gptoss.model import build_model
 from gptoss.model.moe import EXPERT_KEY, EXPERT_PARAMS, expert_key
 
 # ---- locating the checkpoint and its config --------------------------------------------------------------
@@ -108,8 +109,6 @@ def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Every key of our full state dict (global expert ids) and its shape, built on the meta device."""
-    from gptoss.model import build_model
-
     return {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
 
 

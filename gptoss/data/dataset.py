@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gptoss.data.layout import DTYPE, META_NAME, DataError, read_meta
+from gptoss.tokenizer import ENCODING_NAME, VOCAB_SIZE, token_byte_lengths
 
 _CHUNK_TOKENS = 1 << 24  # 64 MiB reads when scanning a split
 
@@ -105,8 +106,6 @@ class TokenDataset:
     def token_bytes(self) -> np.ndarray | None:
         """UTF-8 bytes per id (`gptoss.tokenizer.token_byte_lengths`) when the split was tokenized with
         o200k_harmony, for bits per byte; None for other tokenizers (the tests' synthetic ids have no text)."""
-        from gptoss.tokenizer import ENCODING_NAME, VOCAB_SIZE, token_byte_lengths
-
         if self.meta.get("tokenizer") != ENCODING_NAME or self.vocab_size != VOCAB_SIZE:
             return None
         return token_byte_lengths()

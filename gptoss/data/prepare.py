@@ -31,6 +31,7 @@ from gptoss.data.layout import (
     write_token_counts,
 )
 from gptoss.data.sources import DEFAULT_SOURCE, check_columns, holdout, load_files, load_hub, resolve_source
+from gptoss.data.synthetic import entropy_bits_per_byte, generate_corpus
 from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_encoding
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def _synthetic_splits(n: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]
     """n training stories and max(1, n // 10) validation stories from gptoss's own grammar (one seeded draw),
     and what meta.json records of them: the exact entropy of each split, the floor of its bits per byte."""
     import datasets
-
-    from gptoss.data.synthetic import entropy_bits_per_byte, generate_corpus
 
     n_val = max(1, n // 10)
     stories = generate_corpus(n + n_val, seed)

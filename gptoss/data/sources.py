@@ -9,6 +9,7 @@ from its split names; without one, `holdout` draws a seeded random share of the 
 from __future__ import annotations
 
 import glob
+import gzip
 import itertools
 import logging
 import re
@@ -26,7 +27,7 @@ DEFAULT_SOURCE = "roneneldan/TinyStories"
 DOC_SEPARATOR = "<|endoftext|>"  # the line between stories in TinyStories .txt files
 FORMATS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
-_VAL_FILE = re.compile(r"(^|[-_. ])(validation|valid|val|dev)([-_. ]|$)", re.IGNORECASE)
+_VAL_FILE = re.compile(rf"(^|[-_. ])({'|'.join(VAL_SPLIT_NAMES)})([-_. ]|$)", re.IGNORECASE)
 _TEST_FILE = re.compile(r"(^|[-_. ])test([-_. ]|$)", re.IGNORECASE)
 
 
@@ -98,8 +99,6 @@ def _split_files(files: list[Path]) -> dict[str, list[Path]]:
 def read_txt_stories(path: str | Path) -> Iterator[str]:
     """Stream the non-empty stories of a .txt (or .txt.gz) between `<|endoftext|>` lines, stripped; needs no
     `datasets` (bench/gpu_check.py reads its TinyStories copy with it)."""
-    import gzip
-
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines: list[str] = []

@@ -13,6 +13,7 @@ from gptoss.checkpoint.read import check_shapes, expected_shapes
 from gptoss.config import ConfigError, ModelConfig
 from gptoss.errors import ExportError
 from gptoss.export.layout import CONFIG_NAME, HF_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from gptoss.hf import from_hf_config, from_hf_state_dict
 
 
 def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -20,8 +21,6 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
     names (config.json + gptoss_config.json), our own format (gptoss_config.json alone: our names), or a
     GptOss HF dir (config.json alone)."""
     from safetensors.torch import load_file
-
-    from gptoss.hf import from_hf_config, from_hf_state_dict
 
     path = Path(path)
     hf_names = (path / HF_CONFIG_NAME).is_file()

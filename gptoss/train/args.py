@@ -4,6 +4,7 @@ place, without the config, data or DeepSpeed code behind them."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,6 @@ class TrainArgs:
 
 def arg_parser(description: str | None = None) -> Any:
     """The command line of `launch/train.py`: one flag per `TrainArgs` field, help from the field."""
-    import argparse
-
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     types = {"int | None": int, "int": int, "float": float, "str": str, "int | str": _int_or_all,
              "str | None": str}
@@ -112,8 +111,6 @@ def _int_or_all(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
 
 

@@ -4,9 +4,12 @@ Everything that knows about launchers and environment variables lives here."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from datetime import timedelta
+
+import torch.distributed as dist
 
 from gptoss.errors import TrainError
 
@@ -94,8 +97,6 @@ def skip_shm_comm_build() -> None:
     C++ compiler on a machine's first start, and a failure without one). Only `inference_all_reduce` uses it,
     and that falls back to torch.distributed without it; training's collectives are torch.distributed (gloo)
     either way, so nothing changes but the start-up."""
-    import importlib
-
     backend = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm re-exports torch as `torch`
     if hasattr(backend, "build_shm_op"):
         backend.build_shm_op = lambda: None
@@ -104,8 +105,6 @@ def skip_shm_comm_build() -> None:
 def is_comm_failure(e: BaseException) -> bool:
     """A collective or the rendezvous failed: a peer died, hung past the timeout, or the network broke. Gloo
     reports these as plain RuntimeErrors, so its words are matched too."""
-    import torch.distributed as dist
-
     if isinstance(e, dist.DistError):
         return True
     markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")

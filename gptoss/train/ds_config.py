@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import typing
 from typing import Any
 
 from gptoss.config import read_json_object
@@ -166,8 +167,6 @@ def _config_model(base: type, name: str) -> type | None:
 
 def _nested_model(model: type | None, path: tuple[str, ...]) -> type | None:
     """Follow `path` through the model's fields (Optional/Union annotations included) to the innermost model."""
-    import typing
-
     for part in path:
         if model is None:
             return None

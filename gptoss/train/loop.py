@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+import torch.distributed as dist
+
 from gptoss.checkpoint.layout import read_latest, write_latest
 from gptoss.checkpoint.lock import acquire_run_lock
 from gptoss.config import flops_per_token
@@ -66,8 +68,7 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(args: TrainArgs) -> int:
-    """Run training; returns the exit status (0 done or stopped by a signal, 2 user error, 3 non-finite, 4 a rank
-    died or hung)."""
+    """Run training; returns the exit status (listed in the module docstring)."""
     _setup_logging(env_int("RANK", os.environ.get("SLURM_PROCID", 0)))
     lock = None
     try:
@@ -116,7 +117,6 @@ def _latest_or_none(plan: Plan) -> str | None:
 
 
 def train(plan: Plan, resume: Resume | None) -> int:
-    import torch.distributed as dist
     from tqdm.auto import tqdm
 
     args = plan.args

@@ -166,19 +166,14 @@ def _verify(tok: Any, specials: dict[str, int], version: str) -> None:
         raise fail("the probe text does not decode back to itself")
 
 
-def special_token_names(cfg: ModelConfig) -> dict[str, str]:
-    """bos/eos/pad token names with the ids of the export's config.json (see gptoss.hf)."""
-    by_id = {i: name for name, i in harmony_special_tokens().items()}
-    ids = special_ids(cfg)
-    return {f"{k}_token": by_id[ids[f"{k}_token_id"]] for k in ("bos", "eos", "pad")}
-
-
 def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json: read by transformers 4.x and 5.x alike (`PreTrainedTokenizerFast` is the
-    tokenizers-backed class in both); no token_type_ids, which GptOss and GPT-2 generate() do not take."""
+    tokenizers-backed class in both); no token_type_ids, which GptOss and GPT-2 generate() do not take. The
+    bos/eos/pad names are those of the ids in the export's config.json (`gptoss.hf.special_ids`)."""
+    by_id, ids = {i: name for name, i in harmony_special_tokens().items()}, special_ids(cfg)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **special_token_names(cfg),
+        **{f"{k}_token": by_id[ids[f"{k}_token_id"]] for k in ("bos", "eos", "pad")},
         "model_max_length": hf_max_position_embeddings(cfg),
         "model_input_names": ["input_ids", "attention_mask"],
         "clean_up_tokenization_spaces": False,

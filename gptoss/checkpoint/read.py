@@ -81,19 +81,6 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _resolve_config(tag_dir: Path, states: dict[str, Any],
-                    config: ModelConfig | str | os.PathLike | None) -> tuple[ModelConfig, str]:
-    """The model config: the given one, else the one the trainer saved in the client state."""
-    try:
-        if isinstance(config, ModelConfig):
-            return config, "the given config"
-        if config is not None:
-            return get_config(str(config)), str(config)
-        return ModelConfig.from_dict(states["model_config"]), f"{tag_dir / MODEL_STATES}['model_config']"
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-
-
 def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
                     config: ModelConfig | str | os.PathLike | None = None,
                     verify_checkpoint: bool = False) -> Checkpoint:
@@ -101,8 +88,15 @@ def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
     tag_dir = locate_tag_dir(path, tag)
     check_checkpoint(tag_dir, verify_checkpoint, "export it with --tag")
     states = _load(tag_dir / MODEL_STATES)  # a DeepSpeed model states file: the manifest vouches for it
-    cfg, source = _resolve_config(tag_dir, states, config)
-    return Checkpoint(tag_dir, cfg, source, states)
+    try:  # the given config, else the one the trainer saved in the client state
+        if isinstance(config, ModelConfig):
+            return Checkpoint(tag_dir, config, "the given config", states)
+        if config is not None:
+            return Checkpoint(tag_dir, get_config(str(config)), str(config), states)
+        source = f"{tag_dir / MODEL_STATES}['model_config']"
+        return Checkpoint(tag_dir, ModelConfig.from_dict(states["model_config"], source), source, states)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
 
 
 # ---- reading and checking the weights ------------------------------------------------------------------
@@ -129,21 +123,16 @@ def check_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Size]
                                   f"{list(expected[k])}: the config does not match the weights")
 
 
-def _check_expert_counts(ckpt: Checkpoint) -> None:
-    cfg, found = ckpt.config, ckpt.states.get("num_experts")
-    want = [cfg.num_local_experts] * cfg.num_hidden_layers if cfg.is_moe else []
-    if found is not None and list(found) != want:
-        raise CheckpointError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
-                              f"{ckpt.config_source} expects {want}: the config does not match the weights")
-
-
 def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
                       tick: Callable[[], object] = lambda: None) -> Iterator[dict[str, torch.Tensor]]:
     """Validated pieces of our full state dict: the non-expert weights, then each MoE layer's experts gathered
     from the per-expert files of every expert-parallel rank (global ids); with `master_weights`, the fp32 master
     weights in one piece instead. `tick` is called after each file read (a progress bar)."""
-    cfg = ckpt.config
-    _check_expert_counts(ckpt)
+    cfg, found = ckpt.config, ckpt.states.get("num_experts")
+    want = [cfg.num_local_experts] * cfg.num_hidden_layers if cfg.is_moe else []
+    if found is not None and list(found) != want:
+        raise CheckpointError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
+                              f"{ckpt.config_source} expects {want}: the config does not match the weights")
     expected = expected_shapes(cfg)
     per_layer: dict[int, dict[str, torch.Size]] = {}
     for k, shape in expected.items():

@@ -10,6 +10,7 @@ import socket
 from datetime import timedelta
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from gptoss.errors import TrainError
 
@@ -84,8 +85,6 @@ def init_distributed(timeout_min: float) -> None:
     # DeepSpeed builds its data/expert-parallel groups with new_group(ranks), which takes torch's 30-minute
     # default instead of the world group's timeout; ZeRO's gradient reduction and the MoE all-to-all run on
     # those groups, so without this a hung rank stalls the others for 30 minutes whatever --timeout_min says.
-    import torch.distributed.distributed_c10d as c10d
-
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if get_accelerator().device_name() == "cpu":
         skip_shm_comm_build()

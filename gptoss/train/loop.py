@@ -92,7 +92,10 @@ def main(args: TrainArgs) -> int:
         if plan.world_size == 1 or not is_comm_failure(e):
             raise
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        tag = _latest_or_none(plan)
+        try:
+            tag = read_latest(plan.ckpt_dir)
+        except CheckpointError:  # an empty `latest`
+            tag = None
         print(f"train.py: error: rank {plan.rank} lost the other ranks ({first.strip()}): a rank died or hung "
               f"longer than --timeout_min={plan.args.timeout_min:g}; fix the cause and restart with --resume "
               f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
@@ -107,13 +110,6 @@ def main(args: TrainArgs) -> int:
     finally:
         if lock is not None:
             lock.close()  # the next run on this --out may start
-
-
-def _latest_or_none(plan: Plan) -> str | None:
-    try:
-        return read_latest(plan.ckpt_dir)
-    except CheckpointError:  # an empty `latest`
-        return None
 
 
 def train(plan: Plan, resume: Resume | None) -> int:

@@ -35,15 +35,13 @@ PEAK_FLOPS = {
     "NVIDIA L40S": 362.05e12,
     "NVIDIA L40": 181.05e12,
 }
-_unknown_noted: set[str] = set()
 
 
 def peak_flops_of(name: str) -> float | None:
-    """Dense bf16 peak of the device called `name` (exactly as torch.cuda.get_device_name() says), else None;
-    the first time an unknown name is seen, one log line names it."""
+    """Dense bf16 peak of the device called `name` (exactly as torch.cuda.get_device_name() says), else None
+    and one log line naming it (the trainer asks once per run)."""
     peak = PEAK_FLOPS.get(name.strip())
-    if peak is None and name not in _unknown_noted:
-        _unknown_noted.add(name)
+    if peak is None:
         log.info("no dense bf16 peak known for device %r: MFU is not reported (add it to PEAK_FLOPS in %s)",
                  name, __name__)
     return peak

@@ -172,12 +172,8 @@ def n_files_to_read(ckpt: Checkpoint, master_weights: bool) -> int:
 # ---- fp32 master weights from the ZeRO-1/2 optimizer partitions ------------------------------------------
 
 def _optim_files(tag_dir: Path) -> dict[int, Path]:
-    files: dict[int, Path] = {}
-    for p in tag_dir.iterdir():
-        m = OPTIM_FILE.match(p.name)
-        if m and m[2] == "00":
-            files[int(m[1])] = p
-    return files
+    """{rank: its ZeRO optimizer partition file} of a tag."""
+    return {int(m[1]): p for p in tag_dir.iterdir() if (m := OPTIM_FILE.match(p.name)) and m[2] == "00"}
 
 
 def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], tick: Callable[[], object]

@@ -152,7 +152,8 @@ def plot_attention(maps: list[Any], path: str | Path, tokens: list[str] | None =
             ax = fig.add_subplot(grid[row, h])
             image = ax.imshow(m.probs[h].numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
                               interpolation="nearest")
-            ax.set_title(f"L{m.layer} {m.kind.removesuffix('_attention')} h{h}\nsink {m.sink_mass_per_head[h]:.2f}", fontsize=7)
+            kind = m.kind.removesuffix("_attention")
+            ax.set_title(f"L{m.layer} {kind} h{h}\nsink {m.sink_mass_per_head[h]:.2f}", fontsize=7)
             if label_tokens:
                 ax.set_xticks(range(T), tokens, rotation=90, fontsize=5)
                 ax.set_yticks(range(T), tokens, fontsize=5) if h == 0 else ax.set_yticks([])

@@ -13,7 +13,7 @@
 """
 
 from gptoss.data.dataset import TokenDataset
-from gptoss.data.layout import DTYPE, FORMAT_VERSION, META_NAME, DataError, write_prepared
+from gptoss.data.layout import DTYPE, DataError, write_prepared
 from gptoss.data.prepare import prepare_dataset
 from gptoss.data.sampler import IGNORE_INDEX, BatchSampler, eval_batches, whole_split_batches
 from gptoss.data.sources import DEFAULT_SOURCE
@@ -22,9 +22,7 @@ from gptoss.data.vocab import data_kept_ids, kept_set
 __all__ = [
     "DEFAULT_SOURCE",
     "DTYPE",
-    "FORMAT_VERSION",
     "IGNORE_INDEX",
-    "META_NAME",
     "BatchSampler",
     "DataError",
     "TokenDataset",

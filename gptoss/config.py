@@ -208,8 +208,7 @@ def get_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     if name_or_path in PRESETS:
         return ModelConfig(**{**PRESETS[name_or_path], **overrides})
     if name_or_path.endswith(".json") or Path(name_or_path).exists():
-        cfg = ModelConfig.load(name_or_path)
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        return dataclasses.replace(ModelConfig.load(name_or_path), **overrides)
     raise ConfigError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) nor a JSON config file")
 
 

@@ -96,17 +96,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _import_tokenizers() -> Any:
-    import tokenizers
-
-    return tokenizers
-
-
 @functools.cache
 def build_tokenizer() -> Any:
     """The o200k_harmony `tokenizers.Tokenizer`, built once per process (~3 s) and checked against tiktoken.
     Shared: save it, do not modify it."""
-    tokenizers = _import_tokenizers()
+    import tokenizers
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -195,7 +189,7 @@ def tokenizer_files_wanted(cfg: ModelConfig, mode: str, where: str | os.PathLike
                                        f"Face tokenizer files exist only for o200k_harmony's {VOCAB_SIZE} ids")
         return False
     try:
-        _import_tokenizers()
+        import tokenizers  # noqa: F401
     except ImportError as e:
         if mode == "yes":
             raise TokenizerExportError(f"--tokenizer yes needs the Hugging Face tokenizers package ({e}); "

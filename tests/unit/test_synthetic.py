@@ -14,13 +14,8 @@ from functools import partial
 import pytest
 
 from gptoss.data import synthetic as syn
+from gptoss.data.sources import DOC_SEPARATOR, _txt_documents
 from gptoss.data.synthetic import Choices, Story, entropy_bits_per_byte, generate_corpus, write_stories
-
-try:
-    from gptoss.data.sources import DOC_SEPARATOR, _txt_documents
-except ImportError:  # before the gptoss.data package split
-    from gptoss.data import DOC_SEPARATOR, _txt_documents
-
 
 # ---- a recogniser: every choice sequence of the grammar that writes a given text --------------------------------
 

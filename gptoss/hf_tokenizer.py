@@ -204,8 +204,7 @@ def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> None:
     """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary (`tokenizer_files_wanted`
     said yes)."""
     out_dir = Path(out_dir)
-    tok = build_tokenizer()
-    tok.save(str(out_dir / TOKENIZER_FILE), pretty=False)  # 12 MB instead of 28
+    build_tokenizer().save(str(out_dir / TOKENIZER_FILE), pretty=False)  # 12 MB instead of 28
     config = tokenizer_config(cfg)
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "pad_token")}

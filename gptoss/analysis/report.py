@@ -7,6 +7,7 @@ this module only selects and formats them, so the report cannot drift from what 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,8 @@ def architecture_numbers(cfg: ModelConfig, context: int, bytes_per_elem: int = 2
     }
 
 
-def _count(n: float) -> str:
-    return scaled(n, COUNT, ",.3f", ",.0f")
-
-
-def _bytes(n: float) -> str:
-    return scaled(n, BYTES, ",.2f", ",.0f")
+_count = functools.partial(scaled, units=COUNT, spec=",.3f", unscaled_spec=",.0f")
+_bytes = functools.partial(scaled, units=BYTES, spec=",.2f", unscaled_spec=",.0f")
 
 
 def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:

@@ -57,15 +57,13 @@ def expert_counts_from_model(model: nn.Module, batches: Iterable[torch.Tensor]) 
     return total
 
 
-def token_batches(ids: list[int] | torch.Tensor, seq_len: int, max_batches: int, batch: int = 1
-                  ) -> list[torch.Tensor]:
-    """Consecutive windows of `seq_len` tokens, `batch` per tensor, at most `max_batches` tensors."""
+def token_batches(ids: list[int] | torch.Tensor, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+    """Consecutive windows of `seq_len` tokens, one (1, seq_len) batch each, at most `max_batches` of them."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    n = min(len(ids) // seq_len, max_batches * batch)
+    n = min(len(ids) // seq_len, max_batches)
     if n == 0:
         raise AnalysisError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len)
-    return list(windows.split(batch))
+    return list(ids[: n * seq_len].view(n, 1, seq_len))
 
 
 def imbalance(load: np.ndarray) -> np.ndarray:

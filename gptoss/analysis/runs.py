@@ -44,7 +44,6 @@ class Run:
     """One run dir: its name (the dir name), records, config (None when model_config.json is missing)."""
 
     name: str
-    path: Path
     records: list[dict[str, Any]]
     config: ModelConfig | None
 
@@ -63,4 +62,4 @@ def load_run(path: str | Path) -> Run:
         raise AnalysisError(f"{path / METRICS}: records without elapsed_s (not written by this gptoss's trainer)")
     cfg_path = path / MODEL_CONFIG
     config = ModelConfig.load(cfg_path) if cfg_path.is_file() else None
-    return Run(name=path.name, path=path, records=records, config=config)
+    return Run(name=path.name, records=records, config=config)

@@ -64,8 +64,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """config.json for transformers' GptOss, readable by 4.55 through 5.x.
 
     RoPE is written both ways: legacy `rope_theta` + `rope_scaling` (4.55-4.57) and `rope_parameters`
-    (5.x, which would otherwise default a missing value to YaRN). With YaRN, max_position_embeddings
-    is factor * original so 4.55's recomputed factor stays the same.
+    (5.x, which would otherwise default a missing value to YaRN); see `hf_max_position_embeddings`.
     """
     if cfg.arch == "gpt2":
         return hf_gpt2_config(cfg, torch_dtype)

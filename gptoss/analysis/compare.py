@@ -102,7 +102,6 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "train_seconds": total_s,
             "tokens_per_s": last.get("tokens", 0) / total_s if total_s else None,
             "params_total": p.get("total"),
-            "params_total_exported": param_counts(run.config, vocab="exported")["total"] if p else None,
             "params_active": p.get("active"),
             "params_active_non_embedding": p.get("non_embedding_active"),
         })

@@ -120,8 +120,7 @@ def train(plan: Plan, resume: Resume | None) -> int:
     engine = build_engine(plan)
     sampler = BatchSampler(plan.train_data, plan.global_batch, seed=args.seed)  # the global stream, see step.py
     prog = restore(engine, plan, resume, sampler) if resume else Progress()
-    if plan.rank == 0:
-        plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.rank == 0:  # the run lock made plan.out
         if resume is not None and resume.repoint_latest:
             write_latest(plan.ckpt_dir, resume.tag)  # --resume_from: the run now continues from this tag
         plan.cfg.save(plan.out / "model_config.json")

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.errors import UserError
-
-O200K_HARMONY_VOCAB = 201088
+from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 
 class ConfigError(UserError):
@@ -26,7 +25,7 @@ class ModelConfig:
     """Shape and numerics of a GPT-OSS (or GPT-2 baseline) model."""
 
     arch: str = "gpt_oss"  # "gpt_oss" or "gpt2" (the dense baseline)
-    vocab_size: int = O200K_HARMONY_VOCAB
+    vocab_size: int = VOCAB_SIZE  # o200k_harmony's
     hidden_size: int = 512
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
@@ -81,8 +80,6 @@ class ModelConfig:
         need(all(t in ("sliding_attention", "full_attention") for t in self.layer_types), "layer_types",
              "entries must be 'sliding_attention' or 'full_attention'")
         if (ids := self.kept_ids) is not None:
-            from gptoss.tokenizer import EOT_ID
-
             need(all(isinstance(i, int) and not isinstance(i, bool) for i in ids), "kept_ids",
                  "expected a list of integer token ids")
             need(all(a < b for a, b in zip(ids, ids[1:])), "kept_ids", "must be sorted and without repeats")

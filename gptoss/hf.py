@@ -53,10 +53,8 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
         if m:
             for e in range(value.shape[0]):
                 out[expert_key(int(m[1]), e, m[2])] = value[e]
-        elif key == "lm_head.weight":
-            out[key] = value
         else:
-            out[key.removeprefix("model.")] = value
+            out[key.removeprefix("model.")] = value  # lm_head.weight has no prefix
     return out
 
 
@@ -204,10 +202,7 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig)
     for key, value in hf_state.items():
         if re.search(r"\.attn\.(bias|masked_bias)$", key):
             continue  # causal-mask buffers of older transformers, not weights
-        if key == "lm_head.weight":
-            out[key] = value
-            continue
-        name = key.removeprefix("transformer.")
+        name = key.removeprefix("transformer.")  # lm_head.weight has no prefix
         out[name] = value.t().contiguous() if GPT2_CONV1D_KEY.search(name) else value
     if cfg.tie_word_embeddings and "wte.weight" in out:
         out["lm_head.weight"] = out["wte.weight"]

@@ -84,8 +84,7 @@ def expert_usage_from_run(run_dir: str | Path, out_dir: str | Path) -> dict[str,
     .json (the logged steps and loads)."""
     steps, load = expert_load_from_metrics(read_metrics(run_dir))
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md",
-             "json": out / "expert_usage_training.json"}
+    paths = {kind: out / f"expert_usage_training.{kind}" for kind in ("png", "md", "json")}
     plot_expert_load(steps, load, paths["png"], title=f"Expert load over training: {Path(run_dir).name}")
     cols = {f"step {steps[0]}": 0, f"step {steps[-1]}": len(steps) - 1}
     paths["md"].write_text(imbalance_markdown(load, cols) + "\n")
@@ -103,8 +102,7 @@ def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], o
     tokens = sum(b.numel() for b in batches)
     top_k = getattr(model.config, "num_experts_per_tok", None)
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_model.png", "md": out / "expert_usage_model.md",
-             "json": out / "expert_usage_model.json"}
+    paths = {kind: out / f"expert_usage_model.{kind}" for kind in ("png", "md", "json")}
     plot_expert_counts(counts, paths["png"], title=f"Tokens per expert: {name} "
                                                    f"({int(counts[0].sum()):,} assignments per layer)")
     share = counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)

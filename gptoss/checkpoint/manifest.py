@@ -87,9 +87,8 @@ def merge(tag_dir: Path, parts: Iterable[dict[str, dict[str, Any]]]) -> dict[str
     """Rank 0: the manifest from every rank's part, plus any file rank 0 sees that no rank claimed (described by
     rank 0 itself). train_state.json, which holds the manifest, is not in it."""
     files: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for name, entry in part.items():
-            files.setdefault(name, entry)
+    for part in reversed(list(parts)):  # a file two ranks claim is described by the first
+        files.update(part)
     unclaimed = [p for p in tag_dir.rglob("*") if p.is_file() and _relative(tag_dir, p) not in files
                  and p.name not in (TRAIN_STATE, TRAIN_STATE + ".tmp")]
     files.update(describe(tag_dir, unclaimed, 0))

@@ -44,11 +44,8 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
         if not (path / f).is_file():
             raise ExportError(f"{path / f}: weight shard listed in {INDEX_NAME} is missing")
         stored.update(load_file(str(path / f)))
-    if not hf_names:  # our own format: our names already; a tied lm_head is stored as the embedding
-        state = stored
-        if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:
-            state.setdefault("lm_head.weight", state["wte.weight"])
-    else:
-        state = from_hf_state_dict(stored, cfg)
+    state = from_hf_state_dict(stored, cfg) if hf_names else stored  # our own format: our names already
+    if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:  # stored once, as the embedding
+        state.setdefault("lm_head.weight", state["wte.weight"])
     check_shapes(state, expected_shapes(cfg), str(path), "its config")
     return cfg, state

@@ -60,11 +60,9 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
     names = [run_name(m) for m in models]
     if len(set(names)) != len(names):
         raise AnalysisError(f"models {list(models)} give duplicate run names {names}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = []
     for model, name in zip(models, names):
-        run_dir = out_dir / name
+        run_dir = Path(out_dir) / name
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = train_command(model, data, run_dir, **train_kw)
         log(f"training {name}: {' '.join(cmd[1:])}")

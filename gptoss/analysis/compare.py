@@ -60,11 +60,10 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
     names = [run_name(m) for m in models]
     if len(set(names)) != len(names):
         raise AnalysisError(f"models {list(models)} give duplicate run names {names}")
-    run_dirs = []
-    for model, name in zip(models, names):
-        run_dir = Path(out_dir) / name
+    run_dirs = [Path(out_dir) / name for name in names]
+    cmds = [train_command(m, data, d, **train_kw) for m, d in zip(models, run_dirs)]  # a bad budget fails here
+    for name, run_dir, cmd in zip(names, run_dirs, cmds):
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(model, data, run_dir, **train_kw)
         log(f"training {name}: {' '.join(cmd[1:])}")
         log_path = run_dir / "train.log"
         start = log_path.stat().st_size if log_path.is_file() else 0
@@ -75,7 +74,6 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
             errors = [line for line in lines if "error" in line.lower()]
             raise AnalysisError(f"training {name} failed (exit {proc.returncode}): {(errors or lines)[-1][:300]} "
                                 f"(full log: {log_path})")
-        run_dirs.append(run_dir)
     return run_dirs
 
 

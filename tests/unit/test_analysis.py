@@ -213,6 +213,7 @@ def test_compare_cli_user_errors_are_one_line(tmp_path, capsys):
     assert main(["--models", "tiny,gpt2-tiny", "--out", str(tmp_path / "o"), "--data", "d"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("compare.py: error:") for line in err)
+    assert "--max_steps or --tokens" in err[1] and not (tmp_path / "o").exists()  # refused before any run dir
 
 
 # ---- experts -----------------------------------------------------------------------------------------

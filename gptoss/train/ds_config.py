@@ -90,13 +90,9 @@ def _closest(key: str, known: set[str] | frozenset[str]) -> str | None:
 
 def _refuse_unknown(unknown: set[str], known: frozenset[str], what: str, fix: str) -> None:
     """One line naming each unknown key, with the closest known one where there is one."""
-    if not unknown:
-        return
-    named = []
-    for key in sorted(unknown):
-        close = _closest(key, known)
-        named.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
-    raise TrainError(f"{what}: {', '.join(named)}; {fix}")
+    if unknown:
+        named = [f"'{k}'" + (f" (did you mean '{c}'?)" if (c := _closest(k, known)) else "") for k in sorted(unknown)]
+        raise TrainError(f"{what}: {', '.join(named)}; {fix}")
 
 def check_batch(ds: dict[str, Any], path: str, world: int) -> tuple[int, int, int]:
     """(train_batch_size, micro, accum): the global batch must split evenly over micro-batches and ranks."""

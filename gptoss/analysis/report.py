@@ -32,6 +32,8 @@ KV_KINDS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "
 def resolve_config(spec: str) -> ModelConfig:
     """A preset name, a ModelConfig JSON, a transformers config.json, or a run / export dir holding one."""
     path = Path(spec)
+    if spec not in PRESETS and not path.exists():
+        raise AnalysisError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a JSON file or a run/export dir")
     if spec not in PRESETS and path.is_dir():
         found = [path / n for n in ("gptoss_config.json", "model_config.json", "config.json") if (path / n).is_file()]
         if not found:

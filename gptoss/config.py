@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptoss.errors import UserError
-
-O200K_HARMONY_VOCAB = 201088
+from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 
 class ConfigError(UserError):
@@ -26,7 +25,7 @@ class ModelConfig:
     """Shape and numerics of a GPT-OSS (or GPT-2 baseline) model."""
 
     arch: str = "gpt_oss"  # "gpt_oss" or "gpt2" (the dense baseline)
-    vocab_size: int = O200K_HARMONY_VOCAB
+    vocab_size: int = VOCAB_SIZE  # o200k_harmony's
     hidden_size: int = 512
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
@@ -67,7 +66,8 @@ class ModelConfig:
     def validate(self) -> None:
         def need(ok: bool, key: str, msg: str) -> None:
             if not ok:
-                raise ConfigError(f"model config: {key}={getattr(self, key)!r}: {msg}")
+                value = f" ({len(self.kept_ids)} ids)" if key == "kept_ids" else f"={getattr(self, key)!r}"
+                raise ConfigError(f"model config: {key}{value}: {msg}")
 
         need(self.arch in ("gpt_oss", "gpt2"), "arch", "expected 'gpt_oss' or 'gpt2'")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -79,8 +79,16 @@ class ModelConfig:
              f"needs one entry per layer ({self.num_hidden_layers})")
         need(all(t in ("sliding_attention", "full_attention") for t in self.layer_types), "layer_types",
              "entries must be 'sliding_attention' or 'full_attention'")
-        if self.kept_ids is not None:
-            self._validate_kept_ids()
+        if (ids := self.kept_ids) is not None:
+            need(all(isinstance(i, int) and not isinstance(i, bool) for i in ids), "kept_ids",
+                 "expected a list of integer token ids")
+            need(all(a < b for a, b in zip(ids, ids[1:])), "kept_ids", "must be sorted and without repeats")
+            need(not ids or (ids[0] >= 0 and ids[-1] < self.vocab_size), "kept_ids",
+                 f"ids must lie in [0, vocab_size={self.vocab_size})")
+            need(1 <= len(ids) < self.vocab_size, "kept_ids", f"needs at least one id and fewer than vocab_size="
+                 f"{self.vocab_size} (with every id kept, use kept_ids=null)")
+            need(self.vocab_size <= EOT_ID or EOT_ID in set(ids), "kept_ids",
+                 f"must include <|endoftext|> ({EOT_ID}), which starts every story")
         if self.arch == "gpt2":
             need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
                  "the GPT-2 baseline uses multi-head attention (kv heads == heads)")
@@ -95,23 +103,6 @@ class ModelConfig:
             need(self.rope_scaling.get("rope_type") == "yarn", "rope_scaling",
                  "only {'rope_type': 'yarn'} is supported (or null for plain RoPE)")
             need(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling", "factor must be >= 1")
-
-    def _validate_kept_ids(self) -> None:
-        from gptoss.tokenizer import EOT_ID
-
-        ids = self.kept_ids
-        where = f"model config: kept_ids ({len(ids)} ids)"
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise ConfigError(f"{where}: expected a list of integer token ids")
-        if any(a >= b for a, b in zip(ids, ids[1:])):
-            raise ConfigError(f"{where}: must be sorted and without repeats")
-        if ids and (ids[0] < 0 or ids[-1] >= self.vocab_size):
-            raise ConfigError(f"{where}: ids must lie in [0, vocab_size={self.vocab_size})")
-        if not 1 <= len(ids) < self.vocab_size:
-            raise ConfigError(f"{where}: needs at least one id and fewer than vocab_size={self.vocab_size} "
-                              "(with every id kept, use kept_ids=null)")
-        if self.vocab_size > EOT_ID and EOT_ID not in set(ids):
-            raise ConfigError(f"{where}: must include <|endoftext|> ({EOT_ID}), which starts every story")
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -130,10 +121,6 @@ class ModelConfig:
     @property
     def q_dim(self) -> int:
         return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_key_value_heads * self.head_dim
 
     # ---- JSON round trip ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -218,19 +205,18 @@ def get_config(name_or_path: str, **overrides: Any) -> ModelConfig:
     if name_or_path in PRESETS:
         return ModelConfig(**{**PRESETS[name_or_path], **overrides})
     if name_or_path.endswith(".json") or Path(name_or_path).exists():
-        cfg = ModelConfig.load(name_or_path)
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        return dataclasses.replace(ModelConfig.load(name_or_path), **overrides)
     raise ConfigError(f"model {name_or_path!r}: not a preset ({', '.join(PRESETS)}) nor a JSON config file")
 
 
 # ---- parameter and FLOP arithmetic ---------------------------------------------------------------
 
 def _attention_params(c: ModelConfig) -> int:
-    if c.arch == "gpt2":
-        h = c.hidden_size
-        return 3 * (h * c.q_dim + c.q_dim) + c.q_dim * h + h
     h = c.hidden_size
-    return (h * c.q_dim + c.q_dim) + 2 * (h * c.kv_dim + c.kv_dim) + (c.q_dim * h + h) + c.num_attention_heads
+    if c.arch == "gpt2":
+        return 3 * (h * c.q_dim + c.q_dim) + c.q_dim * h + h
+    kv_dim = c.num_key_value_heads * c.head_dim
+    return (h * c.q_dim + c.q_dim) + 2 * (h * kv_dim + kv_dim) + (c.q_dim * h + h) + c.num_attention_heads
 
 
 def _expert_params(c: ModelConfig) -> int:
@@ -238,13 +224,8 @@ def _expert_params(c: ModelConfig) -> int:
     return (h * 2 * i + 2 * i) + (i * h + h)
 
 
-VOCABS = ("trained", "exported")
-
-
 def _vocab_rows(c: ModelConfig, vocab: str) -> int:
-    if vocab not in VOCABS:
-        raise ValueError(f"vocab {vocab!r}: expected one of {', '.join(VOCABS)}")
-    return c.trained_vocab_size if vocab == "trained" else c.vocab_size
+    return {"trained": c.trained_vocab_size, "exported": c.vocab_size}[vocab]
 
 
 def param_counts(c: ModelConfig, vocab: str = "trained") -> dict[str, int]:
@@ -324,12 +305,3 @@ def kv_cache_bytes_per_token(c: ModelConfig, context: int, bytes_per_elem: int =
     sliding_share = min(c.sliding_window, context) / context if n_sliding else 1.0
     gqa_sw = per_layer_gqa * ((L - n_sliding) + n_sliding * sliding_share)
     return {"mha": per_layer_mha * L, "gqa": per_layer_gqa * L, "gqa_sliding": gqa_sw}
-
-
-def describe(c: ModelConfig) -> str:
-    p = param_counts(c)
-    return (f"{c.arch} L={c.num_hidden_layers} H={c.hidden_size} heads={c.num_attention_heads}/"
-            f"{c.num_key_value_heads} " + (f"experts={c.num_experts_per_tok}/{c.num_local_experts} "
-                                           if c.is_moe else "")
-            + f"params total={p['total'] / 1e6:.1f}M active={p['active'] / 1e6:.1f}M")
-

@@ -18,6 +18,7 @@ from gptoss.model.moe import EXPERT_KEY, expert_key
 from gptoss.tokenizer import BOS_ID, EOT_ID, RETURN_ID
 
 HF_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\w+)$")
+GPT2_CONV1D_KEY = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")  # HF's Conv1D: [in, out], our Linear: [out, in]
 
 # Special ids as in the released configs (see gpt-oss-architecture.md): pad is <|endoftext|>, eos <|return|>.
 PAD_ID, EOS_ID = EOT_ID, RETURN_ID
@@ -37,29 +38,23 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
             out[key] = value
         else:
             out[f"model.{key}"] = value
-    E = cfg.num_local_experts
-    for (layer, name), per_expert in sorted(experts.items()):
-        missing = sorted(set(range(E)) - set(per_expert))
-        if missing:
-            raise KeyError(f"layer {layer} {name}: experts {missing} missing (have {len(per_expert)} of {E})")
-        out[f"model.layers.{layer}.mlp.experts.{name}"] = torch.stack([per_expert[e] for e in range(E)])
+    for (layer, name), per_expert in sorted(experts.items()):  # every expert: the readers check the keys
+        out[f"model.layers.{layer}.mlp.experts.{name}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     return out
 
 
 def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF GptOss state dict -> ours (ep_size 1: every expert local, local id = global id)."""
+    """HF GptOss (or GPT2LMHeadModel) state dict -> ours (ep_size 1: every expert local, local id = global id)."""
     if cfg.arch == "gpt2":
-        raise NotImplementedError("loading HF GPT-2 weights is not needed for the baseline")
+        return from_hf_gpt2_state_dict(hf_state, cfg)
     out: dict[str, torch.Tensor] = {}
     for key, value in hf_state.items():
         m = HF_EXPERT_KEY.match(key)
         if m:
             for e in range(value.shape[0]):
                 out[expert_key(int(m[1]), e, m[2])] = value[e]
-        elif key == "lm_head.weight":
-            out[key] = value
         else:
-            out[key.removeprefix("model.")] = value
+            out[key.removeprefix("model.")] = value  # lm_head.weight has no prefix
     return out
 
 
@@ -67,8 +62,7 @@ def hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
     """config.json for transformers' GptOss, readable by 4.55 through 5.x.
 
     RoPE is written both ways: legacy `rope_theta` + `rope_scaling` (4.55-4.57) and `rope_parameters`
-    (5.x, which would otherwise default a missing value to YaRN). With YaRN, max_position_embeddings
-    is factor * original so 4.55's recomputed factor stays the same.
+    (5.x, which would otherwise default a missing value to YaRN); see `hf_max_position_embeddings`.
     """
     if cfg.arch == "gpt2":
         return hf_gpt2_config(cfg, torch_dtype)
@@ -155,14 +149,13 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
 # ---- GPT-2 baseline -> GPT2LMHeadModel -----------------------------------------------------------
 
 def to_hf_gpt2_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF GPT-2 stores its projections as Conv1D ([in, out]); ours are Linear ([out, in])."""
+    """Our GPT-2 baseline state dict -> GPT2LMHeadModel's."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key == "lm_head.weight":
             out[key] = value
             continue
-        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", key) is not None
-        out[f"transformer.{key}"] = value.t().contiguous() if is_conv1d else value
+        out[f"transformer.{key}"] = value.t().contiguous() if GPT2_CONV1D_KEY.search(key) else value
     out.setdefault("lm_head.weight", out["transformer.wte.weight"])
     return out
 
@@ -209,12 +202,8 @@ def from_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig)
     for key, value in hf_state.items():
         if re.search(r"\.attn\.(bias|masked_bias)$", key):
             continue  # causal-mask buffers of older transformers, not weights
-        if key == "lm_head.weight":
-            out[key] = value
-            continue
-        name = key.removeprefix("transformer.")
-        is_conv1d = re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", name) is not None
-        out[name] = value.t().contiguous() if is_conv1d else value
+        name = key.removeprefix("transformer.")  # lm_head.weight has no prefix
+        out[name] = value.t().contiguous() if GPT2_CONV1D_KEY.search(name) else value
     if cfg.tie_word_embeddings and "wte.weight" in out:
         out["lm_head.weight"] = out["wte.weight"]
     return out

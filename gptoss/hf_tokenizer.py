@@ -15,14 +15,9 @@ ranks from a file would copy that file into tiktoken's cache under a new key on 
 
 tiktoken lists 1,091 special names for the 1,090 ids 199998..201087: id 200018 is both '<|endofprompt|>' and
 '<|reserved_200018|>'. Added tokens get ids in the order given, so they are added sorted by id with the
-reserved alias dropped (as in OpenAI's release). Every build is checked before anything is written: vocab
-size, the id of every special, and the ids of a probe text against tiktoken (`TokenizerExportError`
-otherwise), so a `tokenizers` release that behaves differently fails the export instead of shipping a
-tokenizer that silently disagrees with the weights.
-
-Small (test) vocabularies hold none of these ids and never get tokenizer files. `tokenizers` is not a
-dependency of gptoss (it comes with transformers, a test extra): `mode="auto"` skips the files with one
-warning when it is missing, `mode="yes"` refuses.
+reserved alias dropped (as in OpenAI's release). Every build is checked against tiktoken before anything is
+written (`_verify`), so a `tokenizers` release that behaves differently fails the export instead of shipping a
+tokenizer that silently disagrees with the weights. `tokenizers` comes with transformers, not with gptoss.
 """
 
 from __future__ import annotations
@@ -76,13 +71,11 @@ def harmony_special_tokens() -> dict[str, int]:
     """o200k_harmony's special tokens, name -> id, sorted by id, one name per id (the alias
     '<|reserved_200018|>' of '<|endofprompt|>' dropped); the ids must be exactly 199998..201087."""
     enc = get_encoding()
-    specials: dict[str, int] = {}
-    seen: set[int] = set()
+    by_id: dict[int, str] = {}
     # At a shared id, a real name sorts before its '<|reserved_N|>' alias and wins.
     for name, i in sorted(enc._special_tokens.items(), key=lambda kv: (kv[1], kv[0].startswith("<|reserved_"))):
-        if i not in seen:
-            specials[name] = i
-            seen.add(i)
+        by_id.setdefault(i, name)
+    specials = {name: i for i, name in by_id.items()}
     n_ranks = len(enc._mergeable_ranks)
     if list(specials.values()) != list(range(n_ranks, enc.n_vocab)):
         raise TokenizerExportError(f"tiktoken's o200k_harmony special ids are not {n_ranks}..{enc.n_vocab - 1} "
@@ -103,17 +96,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _import_tokenizers() -> Any:
-    import tokenizers
-
-    return tokenizers
-
-
 @functools.cache
 def build_tokenizer() -> Any:
     """The o200k_harmony `tokenizers.Tokenizer`, built once per process (~3 s) and checked against tiktoken.
     Shared: save it, do not modify it."""
-    tokenizers = _import_tokenizers()
+    import tokenizers
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import BPE
 
@@ -173,19 +160,14 @@ def _verify(tok: Any, specials: dict[str, int], version: str) -> None:
         raise fail("the probe text does not decode back to itself")
 
 
-def special_token_names(cfg: ModelConfig) -> dict[str, str]:
-    """bos/eos/pad token names with the ids of the export's config.json (see gptoss.hf)."""
-    by_id = {i: name for name, i in harmony_special_tokens().items()}
-    ids = special_ids(cfg)
-    return {f"{k}_token": by_id[ids[f"{k}_token_id"]] for k in ("bos", "eos", "pad")}
-
-
 def tokenizer_config(cfg: ModelConfig) -> dict[str, Any]:
     """tokenizer_config.json: read by transformers 4.x and 5.x alike (`PreTrainedTokenizerFast` is the
-    tokenizers-backed class in both); no token_type_ids, which GptOss and GPT-2 generate() do not take."""
+    tokenizers-backed class in both); no token_type_ids, which GptOss and GPT-2 generate() do not take. The
+    bos/eos/pad names are those of the ids in the export's config.json (`gptoss.hf.special_ids`)."""
+    by_id, ids = {i: name for name, i in harmony_special_tokens().items()}, special_ids(cfg)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **special_token_names(cfg),
+        **{f"{k}_token": by_id[ids[f"{k}_token_id"]] for k in ("bos", "eos", "pad")},
         "model_max_length": hf_max_position_embeddings(cfg),
         "model_input_names": ["input_ids", "attention_mask"],
         "clean_up_tokenization_spaces": False,
@@ -207,7 +189,7 @@ def tokenizer_files_wanted(cfg: ModelConfig, mode: str, where: str | os.PathLike
                                        f"Face tokenizer files exist only for o200k_harmony's {VOCAB_SIZE} ids")
         return False
     try:
-        _import_tokenizers()
+        import tokenizers  # noqa: F401
     except ImportError as e:
         if mode == "yes":
             raise TokenizerExportError(f"--tokenizer yes needs the Hugging Face tokenizers package ({e}); "
@@ -218,16 +200,12 @@ def tokenizer_files_wanted(cfg: ModelConfig, mode: str, where: str | os.PathLike
     return True
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> list[str]:
-    """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary."""
-    if cfg.vocab_size != VOCAB_SIZE:
-        raise TokenizerExportError(f"vocab_size {cfg.vocab_size}: Hugging Face tokenizer files exist only for "
-                                   f"o200k_harmony's {VOCAB_SIZE} ids")
+def write_tokenizer_files(out_dir: str | os.PathLike, cfg: ModelConfig) -> None:
+    """Write TOKENIZER_FILES into `out_dir` for a model with o200k_harmony's vocabulary (`tokenizer_files_wanted`
+    said yes)."""
     out_dir = Path(out_dir)
-    tok = build_tokenizer()
-    tok.save(str(out_dir / TOKENIZER_FILE), pretty=False)  # 12 MB instead of 28
+    build_tokenizer().save(str(out_dir / TOKENIZER_FILE), pretty=False)  # 12 MB instead of 28
     config = tokenizer_config(cfg)
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "pad_token")}
     (out_dir / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
-    return list(TOKENIZER_FILES)

@@ -45,21 +45,12 @@ class TokenizerError(UserError):
     """The tokenizer cannot be loaded as specified (corrupt ranks file, unwritable cache, wrong vocab)."""
 
 
-def tiktoken_cache_dir() -> Path | None:
-    """The directory `tiktoken.load.read_file_cached` uses, by its own rules; None if caching is off."""
-    if "TIKTOKEN_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
-    elif "DATA_GYM_CACHE_DIR" in os.environ:
-        cache_dir = os.environ["DATA_GYM_CACHE_DIR"]
-    else:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    return Path(cache_dir) if cache_dir else None
-
-
 def cached_ranks_path() -> Path | None:
-    """Where tiktoken looks for the o200k ranks: `<cache dir>/sha1(blob URL)`."""
-    cache_dir = tiktoken_cache_dir()
-    return cache_dir / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest() if cache_dir else None
+    """Where tiktoken looks for the o200k ranks, by `tiktoken.load.read_file_cached`'s own rules:
+    `<cache dir>/sha1(blob URL)`; None if caching is off (TIKTOKEN_CACHE_DIR="")."""
+    default = os.environ.get("DATA_GYM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", default)
+    return Path(cache_dir) / hashlib.sha1(O200K_BASE_URL.encode()).hexdigest() if cache_dir else None
 
 
 def _sha256_matches(path: Path) -> bool:
@@ -151,26 +142,15 @@ def token_byte_lengths() -> np.ndarray:
     Bits per byte divides a loss in bits by the bytes of the predicted tokens, so that tokenizers (and the
     <|endoftext|> between stories) compare fairly: the ordinary ids of a text decode to exactly its bytes.
     """
-    enc = get_encoding()
-    special = set(enc.special_tokens_set)
     lengths = np.zeros(VOCAB_SIZE, dtype=np.int64)
-    for i in range(VOCAB_SIZE):
-        try:
-            token = enc.decode_single_token_bytes(i)
-        except KeyError:  # a reserved id with no token
-            continue
-        if token.decode("utf-8", errors="replace") not in special:
-            lengths[i] = len(token)
+    for token, i in get_encoding()._mergeable_ranks.items():  # the ordinary ids; specials lie above them
+        lengths[i] = len(token)
     return lengths
 
 
 def encode_documents(texts: Sequence[str]) -> list[int]:
     """Concatenate documents, each followed by <|endoftext|>: the layout of the training .bin files."""
-    ids: list[int] = []
-    for doc in get_encoding().encode_ordinary_batch(list(texts)):
-        ids.extend(doc)
-        ids.append(EOT_ID)
-    return ids
+    return [i for doc in get_encoding().encode_ordinary_batch(list(texts)) for i in (*doc, EOT_ID)]
 
 
 def render_chat(messages: Sequence[dict[str, str]]) -> list[int]:

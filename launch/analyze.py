@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from gptoss.errors import exit_on_user_error
 
@@ -65,26 +64,24 @@ def _ints(text: str | None, flag: str) -> list[int] | None:
     return None if text is None else parse_ints(text, flag)
 
 
-def run(args: argparse.Namespace) -> dict[str, Path]:
+@exit_on_user_error("analyze.py")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command == "report":
         from gptoss.analysis.report import write_report
 
-        return write_report(args.model.split(","), args.out, args.context, args.bytes_per_elem)
-    if args.command == "expert-usage":
+        paths = write_report(args.model.split(","), args.out, args.context, args.bytes_per_elem)
+    elif args.command == "expert-usage":
         from gptoss.analysis.experts import expert_usage
 
-        return expert_usage(args.out, run=args.run, model=args.model, text=args.text,
-                            token_ids=_ints(args.token_ids, "--token_ids"), seq_len=args.seq_len,
-                            max_batches=args.max_batches)
-    from gptoss.analysis.attention import attention_report
+        paths = expert_usage(args.out, run=args.run, model=args.model, text=args.text,
+                             token_ids=_ints(args.token_ids, "--token_ids"), seq_len=args.seq_len,
+                             max_batches=args.max_batches)
+    else:
+        from gptoss.analysis.attention import attention_report
 
-    return attention_report(args.model, args.out, prompt=args.prompt, token_ids=_ints(args.token_ids, "--token_ids"),
-                            layers=_ints(args.layers, "--layers"))
-
-
-@exit_on_user_error("analyze.py")
-def main(argv: list[str] | None = None) -> int:
-    paths = run(parse_args(argv))
+        paths = attention_report(args.model, args.out, prompt=args.prompt, layers=_ints(args.layers, "--layers"),
+                                 token_ids=_ints(args.token_ids, "--token_ids"))
     for kind, path in paths.items():
         print(f"{kind:>4}: {path}")
     if "md" in paths:

@@ -45,11 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error("compare.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from gptoss.analysis import AnalysisError
     from gptoss.analysis.compare import compare
 
-    if args.models and args.max_steps is None and args.tokens is None:
-        raise AnalysisError("training needs a budget: --max_steps or --tokens")
     train_kw = {} if args.runs else dict(
         ds_config=args.ds_config, max_steps=args.max_steps, tokens=args.tokens, seq_len=args.seq_len,
         eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, extra=("--vocab", args.vocab))

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
+from gptoss.analysis.plots import plot_attention
+from gptoss.model.attention import attention_mask, attention_probs
 
 
 @dataclass
@@ -35,12 +38,6 @@ class AttentionMap:
         return self.sink.mean(-1)
 
 
-def default_layers(model: nn.Module) -> list[int]:
-    """The first sliding and the first full layer (the two kinds GPT-OSS alternates)."""
-    types = list(_config(model).layer_types)
-    return [types.index(t) for t in ("sliding_attention", "full_attention") if t in types]
-
-
 def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "arch", None) != "gpt_oss":
@@ -52,10 +49,9 @@ def _config(model: nn.Module):  # noqa: ANN202 (ModelConfig)
 def attention_maps(model: nn.Module, input_ids: torch.Tensor, layers: list[int] | None = None
                    ) -> list[AttentionMap]:
     """Attention maps of the given layers (default: first sliding and first full) for one prompt (1, T)."""
-    from gptoss.model.attention import attention_mask, attention_probs
-
     cfg = _config(model)
-    layers = default_layers(model) if layers is None else layers
+    if layers is None:  # the first sliding and the first full layer (the two kinds GPT-OSS alternates)
+        layers = [cfg.layer_types.index(t) for t in ("sliding_attention", "full_attention") if t in cfg.layer_types]
     bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
     if bad:
         raise AnalysisError(f"layers {bad}: the model has layers 0..{cfg.num_hidden_layers - 1}")
@@ -89,8 +85,6 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
                      tokens: list[str] | None = None) -> dict[str, Path]:
     """attention.png (per-head maps + sink bars), attention.md (sink mass per head per layer) and
     attention.json (the same numbers, with the token ids)."""
-    from gptoss.analysis.plots import plot_attention
-
     maps = attention_maps(model, input_ids, layers)
     out = Path(out_dir)
     paths = {"png": out / "attention.png", "md": out / "attention.md", "json": out / "attention.json"}
@@ -111,11 +105,7 @@ def attention_figure(model: nn.Module, input_ids: torch.Tensor, out_dir: str | P
 
 def attention_report(model: str | Path, out_dir: str | Path, *, prompt: str | None = None,
                      token_ids: list[int] | None = None, layers: list[int] | None = None) -> dict[str, Path]:
-    """The `analyze.py attention` command: load a model, encode the prompt (or take its ids), draw the maps."""
-    from gptoss.analysis.loading import check_token_ids, encode, load_model, token_strings
-
-    if (prompt is None) == (token_ids is None):
-        raise AnalysisError("give --prompt (text) or --token_ids (ids), one of them")
+    """The `analyze.py attention` command: load a model, encode the prompt (else take the ids), draw the maps."""
     net = load_model(model)
     vocab = net.config.vocab_size
     ids = encode(prompt, vocab) if prompt is not None else check_token_ids(token_ids, vocab)

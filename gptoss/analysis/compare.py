@@ -17,7 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.plots import plot_loss_curves
 from gptoss.analysis.runs import Run, load_run
 from gptoss.config import param_counts
 
@@ -35,7 +38,7 @@ def train_command(model: str, data: str | Path, out: str | Path, *, ds_config: s
                   seed: int = 0, extra: Sequence[str] = ()) -> list[str]:
     """The `launch/train.py` command line of one run (one process; the trainer's CPU/GPU defaults apply)."""
     if (max_steps is None) == (tokens is None):
-        raise AnalysisError("give exactly one budget: max_steps or tokens")
+        raise AnalysisError("training needs exactly one budget: --max_steps or --tokens")
     budget = ["--max_steps", str(max_steps)] if max_steps is not None else ["--tokens", str(tokens)]
     return [sys.executable, str(TRAIN_SCRIPT), "--ds_config", str(ds_config), "--model", model, "--data", str(data),
             "--out", str(out), *budget, "--seq_len", str(seq_len), "--eval_every", str(eval_every),
@@ -43,15 +46,9 @@ def train_command(model: str, data: str | Path, out: str | Path, *, ds_config: s
 
 
 def _train_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), as the Makefile sets
-    except ImportError:
-        pass
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), as the Makefile sets
     return env
 
 
@@ -63,13 +60,10 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
     names = [run_name(m) for m in models]
     if len(set(names)) != len(names):
         raise AnalysisError(f"models {list(models)} give duplicate run names {names}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_dirs = []
-    for model, name in zip(models, names):
-        run_dir = out_dir / name
+    run_dirs = [Path(out_dir) / name for name in names]
+    cmds = [train_command(m, data, d, **train_kw) for m, d in zip(models, run_dirs)]  # a bad budget fails here
+    for name, run_dir, cmd in zip(names, run_dirs, cmds):
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = train_command(model, data, run_dir, **train_kw)
         log(f"training {name}: {' '.join(cmd[1:])}")
         log_path = run_dir / "train.log"
         start = log_path.stat().st_size if log_path.is_file() else 0
@@ -80,7 +74,6 @@ def train_runs(models: Sequence[str], data: str | Path, out_dir: str | Path, *,
             errors = [line for line in lines if "error" in line.lower()]
             raise AnalysisError(f"training {name} failed (exit {proc.returncode}): {(errors or lines)[-1][:300]} "
                                 f"(full log: {log_path})")
-        run_dirs.append(run_dir)
     return run_dirs
 
 
@@ -88,11 +81,10 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """Final numbers per run; parameters from `param_counts` of the run's model_config.json."""
     rows = []
     for run in runs:
-        tokens, seconds, val = run.val_curve()
-        bpb = run.bpb_curve()[2]
+        val, bpb = run.curve("val_loss")[2], run.curve("val_bpb")[2]
         last = run.records[-1]
-        total_s = run.seconds[-1]
-        p = param_counts(run.config) if run.config is not None else None
+        total_s = last["elapsed_s"]
+        p = param_counts(run.config) if run.config is not None else {}
         rows.append({
             "run": run.name,
             "arch": run.config.arch if run.config is not None else "?",
@@ -105,30 +97,28 @@ def summarize(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "final_train_loss": next((r["loss"] for r in reversed(run.records) if r.get("loss") is not None), None),
             "train_seconds": total_s,
             "tokens_per_s": last.get("tokens", 0) / total_s if total_s else None,
-            "params_total": p["total"] if p else None,
-            "params_total_exported": param_counts(run.config, vocab="exported")["total"] if p else None,
-            "params_active": p["active"] if p else None,
-            "params_active_non_embedding": p["non_embedding_active"] if p else None,
+            "params_total": p.get("total"),
+            "params_active": p.get("active"),
+            "params_active_non_embedding": p.get("non_embedding_active"),
         })
     return rows
 
 
+# (column header, row key, format: a format spec, or "M" for millions)
+COLUMNS = (("run", "run", ""), ("arch", "arch", ""), ("steps", "steps", ","), ("tokens", "tokens", ","),
+           ("final val loss", "final_val_loss", ".4f"), ("best val loss", "best_val_loss", ".4f"),
+           ("final val bpb", "final_val_bpb", ".4f"), ("best val bpb", "best_val_bpb", ".4f"),
+           ("final train loss", "final_train_loss", ".4f"), ("training s", "train_seconds", ",.1f"),
+           ("tokens/s", "tokens_per_s", ",.0f"), ("params total", "params_total", "M"),
+           ("params active", "params_active", "M"), ("active non-embedding", "params_active_non_embedding", "M"))
+
+
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    def num(v: Any, fmt: str) -> str:
-        return "n/a" if v is None else format(v, fmt)
+    def cell(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else f"{v / 1e6:.2f}M" if fmt == "M" else format(v, fmt)
 
-    def millions(v: Any) -> str:
-        return "n/a" if v is None else f"{v / 1e6:.2f}M"
-
-    head = ("| run | arch | steps | tokens | final val loss | best val loss | final val bpb | best val bpb | "
-            "final train loss | training s | tokens/s | params total | params active | active non-embedding |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    body = "\n".join(
-        f"| {r['run']} | {r['arch']} | {num(r['steps'], ',')} | {num(r['tokens'], ',')} | "
-        f"{num(r['final_val_loss'], '.4f')} | {num(r['best_val_loss'], '.4f')} | {num(r['final_val_bpb'], '.4f')} | "
-        f"{num(r['best_val_bpb'], '.4f')} | {num(r['final_train_loss'], '.4f')} | "
-        f"{num(r['train_seconds'], ',.1f')} | {num(r['tokens_per_s'], ',.0f')} | {millions(r['params_total'])} | "
-        f"{millions(r['params_active'])} | {millions(r['params_active_non_embedding'])} |" for r in rows)
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|---|---|" + "---:|" * (len(COLUMNS) - 2) + "\n"
+    body = "\n".join("| " + " | ".join(cell(r[key], fmt) for _, key, fmt in COLUMNS) + " |" for r in rows)
     return head + body + ("\n\ntraining s: time in training steps as the trainer logs it (elapsed_s; evaluation and "
                           "checkpointing excluded); tokens/s = tokens / training s; bpb: validation bits per "
                           "UTF-8 byte (n/a for data without a text tokenizer).")
@@ -144,10 +134,8 @@ def compare(out_dir: str | Path, *, models: Sequence[str] | None = None, runs: S
             raise AnalysisError("training needs a prepared data dir (launch/prepare_data.py)")
         runs = train_runs(models, data, out_dir, log=log, **train_kw)
     loaded = [load_run(r) for r in runs or []]
-    if not any(run.val_curve()[0] for run in loaded):
+    if not any(run.curve("val_loss")[0] for run in loaded):
         raise AnalysisError("no run has a validation loss (train with --eval_every > 0)")
-    from gptoss.analysis.plots import plot_loss_curves
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "comparison.png", "md": out / "comparison.md"}

@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.loading import check_token_ids, encode, load_model
+from gptoss.analysis.plots import plot_expert_counts, plot_expert_load
+from gptoss.analysis.runs import read_metrics
+from gptoss.data.synthetic import generate_corpus
 
 
 def expert_load_from_metrics(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -50,20 +54,16 @@ def expert_counts_from_model(model: nn.Module, batches: Iterable[torch.Tensor]) 
             total = counts.double().cpu() if total is None else total + counts.double().cpu()
     finally:
         model.train(was_training)
-    if total is None:
-        raise AnalysisError("no token batches to run the model on")
     return total
 
 
-def token_batches(ids: list[int] | torch.Tensor, seq_len: int, max_batches: int, batch: int = 1
-                  ) -> list[torch.Tensor]:
-    """Consecutive windows of `seq_len` tokens, `batch` per tensor, at most `max_batches` tensors."""
+def token_batches(ids: list[int] | torch.Tensor, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+    """Consecutive windows of `seq_len` tokens, one (1, seq_len) batch each, at most `max_batches` of them."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    n = min(len(ids) // seq_len, max_batches * batch)
+    n = min(len(ids) // seq_len, max_batches)
     if n == 0:
         raise AnalysisError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len)
-    return list(windows.split(batch))
+    return list(ids[: n * seq_len].view(n, 1, seq_len))
 
 
 def imbalance(load: np.ndarray) -> np.ndarray:
@@ -82,13 +82,9 @@ def imbalance_markdown(load: np.ndarray, columns: dict[str, int]) -> str:
 def expert_usage_from_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
     """expert_usage_training.png (per-layer heatmaps over steps), .md (imbalance, first vs last step) and
     .json (the logged steps and loads)."""
-    from gptoss.analysis.plots import plot_expert_load
-    from gptoss.analysis.runs import read_metrics
-
     steps, load = expert_load_from_metrics(read_metrics(run_dir))
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_training.png", "md": out / "expert_usage_training.md",
-             "json": out / "expert_usage_training.json"}
+    paths = {kind: out / f"expert_usage_training.{kind}" for kind in ("png", "md", "json")}
     plot_expert_load(steps, load, paths["png"], title=f"Expert load over training: {Path(run_dir).name}")
     cols = {f"step {steps[0]}": 0, f"step {steps[-1]}": len(steps) - 1}
     paths["md"].write_text(imbalance_markdown(load, cols) + "\n")
@@ -101,15 +97,12 @@ def expert_usage_from_model(model: nn.Module, batches: Iterable[torch.Tensor], o
                             name: str = "model") -> dict[str, Path]:
     """expert_usage_model.png (layers x experts shares), .md (imbalance) and .json (the counts) from running
     the model on the batches."""
-    from gptoss.analysis.plots import plot_expert_counts
-
     batches = list(batches)
     counts = expert_counts_from_model(model, batches).numpy()
     tokens = sum(b.numel() for b in batches)
     top_k = getattr(model.config, "num_experts_per_tok", None)
     out = Path(out_dir)
-    paths = {"png": out / "expert_usage_model.png", "md": out / "expert_usage_model.md",
-             "json": out / "expert_usage_model.json"}
+    paths = {kind: out / f"expert_usage_model.{kind}" for kind in ("png", "md", "json")}
     plot_expert_counts(counts, paths["png"], title=f"Tokens per expert: {name} "
                                                    f"({int(counts[0].sum()):,} assignments per layer)")
     share = counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
@@ -128,29 +121,20 @@ def expert_usage(out_dir: str | Path, *, run: str | Path | None = None, model: s
 
     Windows of `seq_len` tokens, at most `max_batches` of them; input shorter than one window runs as one.
     """
-    if (run is None) == (model is None):
-        raise AnalysisError("give --run (metrics over training) or --model (run a model on text), one of them")
-    if text is not None and token_ids is not None:
-        raise AnalysisError("give --text or --token_ids, not both")
-    if run is not None:
+    if run is not None:  # launch/analyze.py makes --run and --model, --text and --token_ids exclusive
         if text is not None or token_ids is not None:
             raise AnalysisError("--text and --token_ids go with --model (a run's metrics need no input)")
         return expert_usage_from_run(run, out_dir)
     if seq_len < 1 or max_batches < 1:
         raise AnalysisError(f"--seq_len {seq_len} --max_batches {max_batches}: both must be >= 1")
-    from gptoss.analysis.loading import check_token_ids, encode, load_model
     net = load_model(model)
     if token_ids is not None:
         ids = check_token_ids(token_ids, net.config.vocab_size)
+    elif text is None:  # a few stories of gptoss's own grammar
+        ids = encode("\n".join(s.text for s in generate_corpus(20, seed=0)), net.config.vocab_size)
+    elif not Path(text).is_file():
+        raise AnalysisError(f"--text {text}: no such file")
     else:
-        if text is None:  # a few stories of gptoss's own grammar
-            from gptoss.data.synthetic import generate_corpus
-
-            sample = "\n".join(s.text for s in generate_corpus(20, seed=0))
-        elif not Path(text).is_file():
-            raise AnalysisError(f"--text {text}: no such file")
-        else:
-            sample = Path(text).read_text(encoding="utf-8")
-        ids = encode(sample, net.config.vocab_size)
+        ids = encode(Path(text).read_text(encoding="utf-8"), net.config.vocab_size)
     batches = token_batches(ids, min(seq_len, len(ids)), max_batches)
     return expert_usage_from_model(net, batches, out_dir, name=Path(model).name)

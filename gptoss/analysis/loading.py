@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from gptoss.analysis import AnalysisError
+from gptoss.generate import load_model as _load
+from gptoss.tokenizer import decode
+from gptoss.tokenizer import encode as _encode
 
 
 def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
     """An export dir or a run / checkpoint dir, in fp32 eval mode (via `gptoss.generate.load_model`)."""
-    from gptoss.generate import load_model as _load
-
     if not Path(path).exists():
         raise AnalysisError(f"{path}: no such export or run dir")
     return _load(path, device=device, dtype="fp32")
@@ -25,8 +26,6 @@ def load_model(path: str | Path, device: str = "cpu") -> nn.Module:
 
 def encode(text: str, vocab_size: int) -> list[int]:
     """o200k_harmony ids of text, checked against the model's vocabulary (test models use small ones)."""
-    from gptoss.tokenizer import encode as _encode
-
     ids = _encode(text)
     if not ids:
         raise AnalysisError("the text is empty")
@@ -59,8 +58,6 @@ def check_token_ids(ids: list[int], vocab_size: int, flag: str = "--token_ids") 
 
 def token_strings(ids: list[int] | torch.Tensor) -> list[str]:
     """Each id decoded alone (axis labels); ids outside the tokenizer show as #id."""
-    from gptoss.tokenizer import decode
-
     out = []
     for i in torch.as_tensor(ids).flatten().tolist():
         try:

@@ -42,28 +42,26 @@ def plot_loss_curves(runs: list[Run], path: str | Path, title: str | None = None
     training loss as faint lines behind it (validation points are few in short runs). When a run measured
     validation bits per byte, a second row shows it the same two ways."""
     plt = _pyplot()
-    with_bpb = any(run.bpb_curve()[2] for run in runs)
+    with_bpb = any(run.curve("val_bpb")[2] for run in runs)
     fig, grid = plt.subplots(2 if with_bpb else 1, 2, figsize=(12, 8.5 if with_bpb else 4.5), sharey="row",
                              squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for run, color in zip(runs, colors * (1 + len(runs) // len(colors))):
-        t_tok, t_sec, t_loss = run.train_curve()
-        v_tok, v_sec, v_loss = run.val_curve()
+        t_tok, t_sec, t_loss = run.curve("loss")
+        v_tok, v_sec, v_loss = run.curve("val_loss")
         for ax, tx, vx in ((grid[0][0], t_tok, v_tok), (grid[0][1], t_sec, v_sec)):
             if t_loss:
                 ax.plot(tx, t_loss, color=color, alpha=0.25, linewidth=1)
             if v_loss:
                 ax.plot(vx, v_loss, color=color, marker="o", markersize=3, label=f"{run.name} (val)")
         if with_bpb:
-            b_tok, b_sec, bpb = run.bpb_curve()
+            b_tok, b_sec, bpb = run.curve("val_bpb")
             for ax, bx in ((grid[1][0], b_tok), (grid[1][1], b_sec)):
                 if bpb:
                     ax.plot(bx, bpb, color=color, marker="o", markersize=3, label=f"{run.name} (val)")
-    grid[0][0].set(xlabel="tokens seen", ylabel="loss (val: markers; train: faint)")
-    grid[0][1].set(xlabel="training seconds (steps only, eval excluded)")
-    if with_bpb:
-        grid[1][0].set(xlabel="tokens seen", ylabel="validation bits per byte")
-        grid[1][1].set(xlabel="training seconds (steps only, eval excluded)")
+    for row, ylabel in zip(grid, ("loss (val: markers; train: faint)", "validation bits per byte")):
+        row[0].set(xlabel="tokens seen", ylabel=ylabel)
+        row[1].set(xlabel="training seconds (steps only, eval excluded)")
     for ax in grid.flat:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -154,7 +152,7 @@ def plot_attention(maps: list[Any], path: str | Path, tokens: list[str] | None =
             ax = fig.add_subplot(grid[row, h])
             image = ax.imshow(m.probs[h].numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0),
                               interpolation="nearest")
-            kind = "sliding" if m.kind == "sliding_attention" else "full"
+            kind = m.kind.removesuffix("_attention")
             ax.set_title(f"L{m.layer} {kind} h{h}\nsink {m.sink_mass_per_head[h]:.2f}", fontsize=7)
             if label_tokens:
                 ax.set_xticks(range(T), tokens, rotation=90, fontsize=5)
@@ -167,8 +165,7 @@ def plot_attention(maps: list[Any], path: str | Path, tokens: list[str] | None =
     bars = fig.add_subplot(grid[len(maps), :])
     width = 0.8 / len(maps)
     for i, m in enumerate(maps):
-        kind = "sliding" if m.kind == "sliding_attention" else "full"
-        label = f"layer {m.layer} ({kind}" + (f", W={m.window})" if m.window else ")")
+        label = f"layer {m.layer} ({m.kind.removesuffix('_attention')}" + (f", W={m.window})" if m.window else ")")
         bars.bar(np.arange(n_heads) + (i - (len(maps) - 1) / 2) * width, m.sink_mass_per_head.numpy(), width,
                  label=label)
     bars.set(xlabel="head", ylabel="mean prob. on sink", xticks=range(n_heads), ylim=(0, 1))

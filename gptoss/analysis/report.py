@@ -7,11 +7,13 @@ this module only selects and formats them, so the report cannot drift from what 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from gptoss.analysis import AnalysisError
+from gptoss.analysis.plots import plot_report
 from gptoss.analysis.units import BYTES, COUNT, scaled
 from gptoss.config import (
     PRESETS,
@@ -29,23 +31,20 @@ KV_KINDS = {"mha": "MHA (every head keeps K, V)", "gqa": "GQA", "gqa_sliding": "
 
 def resolve_config(spec: str) -> ModelConfig:
     """A preset name, a ModelConfig JSON, a transformers config.json, or a run / export dir holding one."""
-    if spec in PRESETS:
-        return get_config(spec)
     path = Path(spec)
-    if path.is_dir():
-        for name in ("gptoss_config.json", "model_config.json", "config.json"):
-            if (path / name).is_file():
-                return resolve_config(str(path / name))
-        raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
-    if not path.is_file():
+    if spec not in PRESETS and not path.exists():
         raise AnalysisError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), a JSON file or a run/export dir")
-    d = read_json_object(path, AnalysisError)
-    if d.get("model_type") == "gpt_oss":  # a transformers config.json (an export)
-        from gptoss.hf import from_hf_config
-
-        return from_hf_config(d)
+    if spec not in PRESETS and path.is_dir():
+        found = [path / n for n in ("gptoss_config.json", "model_config.json", "config.json") if (path / n).is_file()]
+        if not found:
+            raise AnalysisError(f"{path}: no gptoss_config.json, model_config.json or config.json in this dir")
+        spec, path = str(found[0]), found[0]
     try:
-        return ModelConfig.from_dict(d, source=str(path))
+        if spec not in PRESETS and path.is_file() and (d := read_json_object(path)).get("model_type") == "gpt_oss":
+            from gptoss.hf import from_hf_config  # a transformers config.json (an export)
+
+            return from_hf_config(d)
+        return get_config(spec)
     except (ConfigError, TypeError) as e:
         raise AnalysisError(str(e)) from e
 
@@ -70,12 +69,8 @@ def architecture_numbers(cfg: ModelConfig, context: int, bytes_per_elem: int = 2
     }
 
 
-def _count(n: float) -> str:
-    return scaled(n, COUNT, ",.3f", ",.0f")
-
-
-def _bytes(n: float) -> str:
-    return scaled(n, BYTES, ",.2f", ",.0f")
+_count = functools.partial(scaled, units=COUNT, spec=",.3f", unscaled_spec=",.0f")
+_bytes = functools.partial(scaled, units=BYTES, spec=",.2f", unscaled_spec=",.0f")
 
 
 def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:
@@ -117,8 +112,6 @@ def report_markdown(numbers: dict[str, dict[str, Any]]) -> str:
 def write_report(models: list[str], out_dir: str | Path, context: int = 4096,
                  bytes_per_elem: int = 2) -> dict[str, Path]:
     """report.md and report.png (+ report.json with the raw numbers) in out_dir; returns their paths."""
-    from gptoss.analysis.plots import plot_report
-
     if context < 1:
         raise AnalysisError(f"--context {context}: must be >= 1")
     numbers = {spec if spec in PRESETS else Path(spec).stem: architecture_numbers(resolve_config(spec), context,

@@ -18,6 +18,7 @@ tag (see `manifest`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from gptoss.config import read_json_object
 from gptoss.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -51,13 +53,6 @@ def tag_step(name: str) -> int | None:
 
 def expert_file(tag_dir: Path, moe_layer: int, expert: int) -> Path:
     return tag_dir / f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
-
-
-def missing_expert_message(path: Path, layer: int, expert: int, found: int, total: int) -> str:
-    """One missing expert file, for the reader and the manifest check alike."""
-    return (f"{path}: expert file missing (layer {layer}, expert {expert}); found {found} of {total} expert files "
-            f"in {path.parent}. With expert parallelism each rank writes its own experts: copy the files of every "
-            "rank/node")
 
 
 def rank_state_file(tag_dir: Path, rank: int) -> Path:
@@ -90,12 +85,8 @@ def read_train_state(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / TRAIN_STATE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {tag_dir} is not a complete gptoss checkpoint")
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
-    found = state.get("format_version") if isinstance(state, dict) else None
-    if found != FORMAT_VERSION:
+    state = read_json_object(path, CheckpointError)
+    if (found := state.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {found}, this gptoss reads format_version {FORMAT_VERSION}")
     missing = [k for k in TRAIN_STATE_KEYS if k not in state]
     if missing:
@@ -141,16 +132,12 @@ def prune(ckpt_dir: Path, tag: str, keep_last: int) -> None:
 # ---- durable writes ----------------------------------------------------------------------------------------
 
 def _fsync(path: Path, directory: bool = False) -> None:
-    try:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; durability is then theirs
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; durability is then theirs to give
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_tree(tag_dir: Path) -> None:

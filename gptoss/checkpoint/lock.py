@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from gptoss.errors import CheckpointError
 
@@ -24,41 +25,28 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "train.lock"
 
 
-class RunLock:
-    """A held run lock; `release` (or the end of the process) lets the next run take it."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the only descriptor drops the flock
-
-
-def acquire_run_lock(out: Path) -> RunLock | None:
-    """Lock `out` for this process (creating the directory), or raise CheckpointError naming the holder's host and
-    pid. None where the filesystem cannot lock (warned)."""
+def acquire_run_lock(out: Path) -> BinaryIO | None:
+    """Lock `out` for this process (creating the directory): the open lock file, whose `close` (or the end of the
+    process) lets the next run take it. Raises CheckpointError naming the holder's host and pid; None where the
+    filesystem cannot lock (warned)."""
     path = out / LOCK_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b", buffering=0)
     except OSError as e:
         raise CheckpointError(f"--out {out}: cannot create the run lock {path} ({e.strerror})") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "host and pid not written yet"
-        os.close(fd)
+        holder = f.read(4096).decode(errors="replace").strip() or "host and pid not written yet"
+        f.close()
         raise CheckpointError(f"{out} is being written by another training run ({holder}; lock {path}): one run per "
-                         "--out; wait for it to end, stop it, or choose another --out") from None
+                              "--out; wait for it to end, stop it, or choose another --out") from None
     except OSError as e:
-        os.close(fd)
+        f.close()
         log.warning("%s: cannot take the run lock (%s); nothing stops a second run from writing %s", path,
                     e.strerror, out)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-              .encode(), 0)
-    return RunLock(path, fd)
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return f  # closing the only descriptor drops the flock

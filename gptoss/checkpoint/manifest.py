@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, ancestors, missing_expert_message, read_train_state
+from gptoss.checkpoint.layout import EXPERT_FILE, TRAIN_STATE, ancestors, read_train_state
 from gptoss.errors import CheckpointError
 
 MANIFEST = "manifest"  # the key of train_state.json that holds it
@@ -87,9 +87,8 @@ def merge(tag_dir: Path, parts: Iterable[dict[str, dict[str, Any]]]) -> dict[str
     """Rank 0: the manifest from every rank's part, plus any file rank 0 sees that no rank claimed (described by
     rank 0 itself). train_state.json, which holds the manifest, is not in it."""
     files: dict[str, dict[str, Any]] = {}
-    for part in parts:
-        for name, entry in part.items():
-            files.setdefault(name, entry)
+    for part in reversed(list(parts)):  # a file two ranks claim is described by the first
+        files.update(part)
     unclaimed = [p for p in tag_dir.rglob("*") if p.is_file() and _relative(tag_dir, p) not in files
                  and p.name not in (TRAIN_STATE, TRAIN_STATE + ".tmp")]
     files.update(describe(tag_dir, unclaimed, 0))
@@ -103,11 +102,12 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
 # ---- verification ------------------------------------------------------------------------------------------
 
 def _missing(tag_dir: Path, name: str, entry: dict[str, Any], files: dict[str, Any]) -> str:
-    m = EXPERT_FILE.match(name)
-    if m:
+    if m := EXPERT_FILE.match(name):
         experts = [n for n in files if EXPERT_FILE.match(n)]
         found = sum((tag_dir / n).is_file() for n in experts)
-        return missing_expert_message(tag_dir / name, int(m[1]), int(m[2]), found, len(experts))
+        return (f"{tag_dir / name}: expert file missing (layer {m[1]}, expert {m[2]}); found {found} of "
+                f"{len(experts)} expert files in {tag_dir}. With expert parallelism each rank writes its own "
+                "experts: copy the files of every rank/node")
     return f"{tag_dir / name}: missing (the manifest lists {entry['size']:,} bytes written by rank {entry['rank']})"
 
 

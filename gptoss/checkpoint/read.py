@@ -1,31 +1,18 @@
 """Reading a DeepSpeed training checkpoint offline, on CPU and without launching any ranks, into our full
 state dict (our names, global expert ids): what export writes out and what sampling loads in memory.
 
-DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours. One checkpoint tag holds
-(names in `gptoss.checkpoint.layout`)
-
-    mp_rank_00_model_states.pt                          non-expert weights ("module"), client state
-                                                        ("model_config"), "num_experts" per MoE layer
-    layer_{M}_expert_{E}_mp_rank_00_model_states.pt     one file per MoE layer M and GLOBAL expert id E,
-                                                        written by whichever expert-parallel rank owns E
-    [bf16_]zero_pp_rank_{r}_mp_rank_00_optim_states.pt  rank r's flat fp32 master partitions (ZeRO-1/2)
-
-Before anything is loaded the tag is checked against the manifest in its train_state.json (`manifest`): file
-sizes always, the crc32 of every file with `verify_checkpoint=True`; a damaged tag raises `CheckpointError` naming
-the file, expected and found, and the newest older tag that verifies. By default the module weights are read
-(bf16 or fp32, as trained); `master_weights=True` rebuilds the fp32 master weights from the optimizer
-partitions instead (see `_master_weights`), for every expert-parallel size. A missing `latest`/tag/expert
-file, or weights whose keys or shapes differ from the model config, raise `CheckpointError` naming the file, the
-key, and expected vs found (files are checked for presence before any weight is read, shapes as each piece is
-read). The module weights come in pieces (non-expert weights, then one MoE layer at a time), so a consumer
-that streams them holds about one layer's experts at once; the master-weight path holds the whole fp32 model,
-since partitions must be reassembled first.
+DeepSpeed's `zero_to_fp32` refuses MoE checkpoints, so consolidation is ours (the files of a tag are listed in
+`gptoss.checkpoint.layout`). A tag is checked against its manifest before anything is loaded, and every piece
+against the model config as it is read; each failure is a `CheckpointError` naming the file, the key, and expected
+vs found. The module weights come in pieces (non-expert weights, then one MoE layer at a time), so a consumer that
+streams them holds about one layer's experts at once; the fp32 master weights (`master_weights=True`) come whole,
+since the optimizer partitions must be reassembled first.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +30,7 @@ from gptoss.checkpoint.layout import (
 from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import CheckpointError
+from gptoss.model import build_model
 from gptoss.model.moe import EXPERT_KEY, EXPERT_PARAMS, expert_key
 
 # ---- locating the checkpoint and its config --------------------------------------------------------------
@@ -55,10 +43,6 @@ class Checkpoint:
     config: ModelConfig
     config_source: str
     states: dict[str, Any]
-
-    @property
-    def tag(self) -> str:
-        return self.tag_dir.name
 
 
 def _is_tag_dir(path: Path) -> bool:
@@ -97,40 +81,28 @@ def _load(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _resolve_config(tag_dir: Path, states: dict[str, Any],
-                    config: ModelConfig | str | os.PathLike | None) -> tuple[ModelConfig, str]:
-    """The model config: the given one, else the one the trainer saved in the client state."""
-    try:
-        if isinstance(config, ModelConfig):
-            return config, "the given config"
-        if config is not None:
-            return get_config(str(config)), str(config)
-        return ModelConfig.from_dict(states["model_config"]), f"{tag_dir / MODEL_STATES}['model_config']"
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from e
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{tag_dir / MODEL_STATES}: no model config ({e}); pass --config PRESET_OR_JSON") from e
-
-
 def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
                     config: ModelConfig | str | os.PathLike | None = None,
                     verify_checkpoint: bool = False) -> Checkpoint:
     """Locate the tag, check it against its manifest (sizes; crc32 too with verify_checkpoint), open it."""
     tag_dir = locate_tag_dir(path, tag)
     check_checkpoint(tag_dir, verify_checkpoint, "export it with --tag")
-    states = _load(tag_dir / MODEL_STATES)
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise CheckpointError(f"{tag_dir / MODEL_STATES}: no 'module' state dict (not a DeepSpeed model states file)")
-    cfg, source = _resolve_config(tag_dir, states, config)
-    return Checkpoint(tag_dir, cfg, source, states)
+    states = _load(tag_dir / MODEL_STATES)  # a DeepSpeed model states file: the manifest vouches for it
+    try:  # the given config, else the one the trainer saved in the client state
+        if isinstance(config, ModelConfig):
+            return Checkpoint(tag_dir, config, "the given config", states)
+        if config is not None:
+            return Checkpoint(tag_dir, get_config(str(config)), str(config), states)
+        source = f"{tag_dir / MODEL_STATES}['model_config']"
+        return Checkpoint(tag_dir, ModelConfig.from_dict(states["model_config"], source), source, states)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
 
 
 # ---- reading and checking the weights ------------------------------------------------------------------
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Every key of our full state dict (global expert ids) and its shape, built on the meta device."""
-    from gptoss.model import build_model
-
     return {k: v.shape for k, v in build_model(cfg, device="meta").state_dict().items()}
 
 
@@ -151,38 +123,32 @@ def check_shapes(found: dict[str, torch.Tensor], expected: dict[str, torch.Size]
                                   f"{list(expected[k])}: the config does not match the weights")
 
 
-def _check_expert_counts(ckpt: Checkpoint) -> None:
+def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
+                      tick: Callable[[], object] = lambda: None) -> Iterator[dict[str, torch.Tensor]]:
+    """Validated pieces of our full state dict: the non-expert weights, then each MoE layer's experts gathered
+    from the per-expert files of every expert-parallel rank (global ids); with `master_weights`, the fp32 master
+    weights in one piece instead. `tick` is called after each file read (a progress bar)."""
     cfg, found = ckpt.config, ckpt.states.get("num_experts")
     want = [cfg.num_local_experts] * cfg.num_hidden_layers if cfg.is_moe else []
     if found is not None and list(found) != want:
         raise CheckpointError(f"{ckpt.tag_dir / MODEL_STATES}: num_experts per MoE layer is {list(found)}, but "
                               f"{ckpt.config_source} expects {want}: the config does not match the weights")
-
-
-def _split(expected: dict[str, torch.Size]) -> tuple[dict[str, torch.Size], dict[int, dict[str, torch.Size]]]:
-    """Expected shapes -> (non-expert keys, {layer: that layer's expert keys})."""
-    dense: dict[str, torch.Size] = {}
+    expected = expected_shapes(cfg)
     per_layer: dict[int, dict[str, torch.Size]] = {}
     for k, shape in expected.items():
-        m = EXPERT_KEY.match(k)
-        if m:
+        if m := EXPERT_KEY.match(k):
             per_layer.setdefault(int(m[1]), {})[k] = shape
-        else:
-            dense[k] = shape
-    return dense, per_layer
-
-
-def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Our state dict in validated pieces: the non-expert weights, then each MoE layer's experts
-    gathered from the per-expert files of every expert-parallel rank (global ids)."""
-    cfg = ckpt.config
-    _check_expert_counts(ckpt)
-    dense_shapes, layer_shapes = _split(expected_shapes(cfg))
-    layers = sorted(layer_shapes)  # every file is there: the manifest was checked when the tag was opened
-    dense = _checked_dense(ckpt, dense_shapes)
-    _tick(progress)
+    # DeepSpeed keeps experts out of "module" for MoE models; any copy there would carry local ids. The module
+    # weights are checked with master_weights too: a config that does not match them must not slip through.
+    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
+    check_shapes(dense, {k: v for k, v in expected.items() if not EXPERT_KEY.match(k)},
+                 str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
+    tick()
+    if master_weights:
+        yield _master_weights(ckpt, expected, tick)
+        return
     yield dense
-    for moe_layer, layer in enumerate(layers):
+    for moe_layer, layer in enumerate(sorted(per_layer)):  # every file is there: the manifest was checked
         experts: dict[str, torch.Tensor] = {}
         for e in range(cfg.num_local_experts):
             f = expert_file(ckpt.tag_dir, moe_layer, e)
@@ -192,23 +158,9 @@ def iter_module_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[
                 got = sorted(part) if isinstance(part, dict) else type(part).__name__
                 raise CheckpointError(f"{f}: expected keys {sorted(want)}, found {got}")
             experts.update(part)
-            _tick(progress)
-        check_shapes(experts, layer_shapes[layer], f"{ckpt.tag_dir} (layer {layer} expert files)",
-                     ckpt.config_source)
+            tick()
+        check_shapes(experts, per_layer[layer], f"{ckpt.tag_dir} (layer {layer} expert files)", ckpt.config_source)
         yield experts
-
-
-def _checked_dense(ckpt: Checkpoint, dense_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The non-expert weights of "module", checked against the config. DeepSpeed keeps experts out of
-    "module" for MoE models; any copy there would carry local ids."""
-    dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
-    check_shapes(dense, dense_shapes, str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
-    return dense
-
-
-def _tick(progress: Any) -> None:
-    if progress is not None:
-        progress.update(1)
 
 
 def n_files_to_read(ckpt: Checkpoint, master_weights: bool) -> int:
@@ -220,15 +172,11 @@ def n_files_to_read(ckpt: Checkpoint, master_weights: bool) -> int:
 # ---- fp32 master weights from the ZeRO-1/2 optimizer partitions ------------------------------------------
 
 def _optim_files(tag_dir: Path) -> dict[int, Path]:
-    files: dict[int, Path] = {}
-    for p in tag_dir.iterdir():
-        m = OPTIM_FILE.match(p.name)
-        if m and m[2] == "00":
-            files[int(m[1])] = p
-    return files
+    """{rank: its ZeRO optimizer partition file} of a tag."""
+    return {int(m[1]): p for p in tag_dir.iterdir() if (m := OPTIM_FILE.match(p.name)) and m[2] == "00"}
 
 
-def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress: Any = None
+def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], tick: Callable[[], object]
                     ) -> dict[str, torch.Tensor]:
     """The fp32 master weights, reassembled from every rank's flat optimizer partitions.
 
@@ -272,7 +220,7 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
                     name = expert_key(int(m[1]), (r % ep) * (E_total // ep) + int(m[2]), m[3])
                 piece = flat.narrow(0, frag.start, frag.numel).clone()
                 parts.setdefault(name, []).append((order, piece))
-        _tick(progress)
+        tick()
     out: dict[str, torch.Tensor] = {}
     for name, pieces in parts.items():
         if name not in expected:
@@ -293,21 +241,6 @@ def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], progress:
         raise CheckpointError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
                               "not found in the optimizer states (frozen parameters are not supported)")
     return out
-
-
-def _master_chunks(ckpt: Checkpoint, progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    _check_expert_counts(ckpt)
-    expected = expected_shapes(ckpt.config)
-    # The module weights are checked too: a config that does not match them must not slip through.
-    _checked_dense(ckpt, _split(expected)[0])
-    _tick(progress)
-    yield _master_weights(ckpt, expected, progress)
-
-
-def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
-                      progress: Any = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Validated pieces of our full state dict, from the module weights or the fp32 master weights."""
-    return _master_chunks(ckpt, progress) if master_weights else iter_module_chunks(ckpt, progress)
 
 
 def load_state_dict(path: str | os.PathLike, tag: str | None = None,

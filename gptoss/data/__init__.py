@@ -2,18 +2,15 @@
 
     sources.py   a hub name or local .txt/.jsonl/.json/.parquet files (a file, a dir, a glob) → `datasets` splits
     synthetic.py stories of gptoss's own grammar with their exact entropy (tests, quickstart; nothing copied)
-    prepare.py   `prepare_dataset`: tokenize in parallel with o200k_harmony, write `train.bin`, `val.bin`
-                 (every document followed by <|endoftext|>) and `meta.json`, written last to mark finished output
-    layout.py    that on-disk format (uint32 ids, token_counts.npz, meta.json and its format_version), its one
-                 writer (`write_prepared` for ids already in memory, without `datasets`); `DataError`
+    prepare.py   `prepare_dataset`: tokenize in parallel with o200k_harmony into the format of `layout`
+    layout.py    that on-disk format (uint32 ids, token_counts.npz, meta.json) and its one writer; `DataError`
     dataset.py   `TokenDataset`: one split memory-mapped and checked against its meta
-    sampler.py   `BatchSampler`: windows as a pure function of (seed, step), an epoch seeing every token once, so a
-                 resumed run continues the identical stream; `eval_batches`, `whole_split_batches`
+    sampler.py   `BatchSampler`: windows as a pure function of (seed, step); `eval_batches`, `whole_split_batches`
     vocab.py     the kept set of the data vocabulary (`--vocab data`), from token_counts.npz
 """
 
 from gptoss.data.dataset import TokenDataset
-from gptoss.data.layout import DTYPE, FORMAT_VERSION, META_NAME, DataError, write_prepared
+from gptoss.data.layout import DTYPE, DataError, write_prepared
 from gptoss.data.prepare import prepare_dataset
 from gptoss.data.sampler import IGNORE_INDEX, BatchSampler, eval_batches, whole_split_batches
 from gptoss.data.sources import DEFAULT_SOURCE
@@ -22,9 +19,7 @@ from gptoss.data.vocab import data_kept_ids, kept_set
 __all__ = [
     "DEFAULT_SOURCE",
     "DTYPE",
-    "FORMAT_VERSION",
     "IGNORE_INDEX",
-    "META_NAME",
     "BatchSampler",
     "DataError",
     "TokenDataset",

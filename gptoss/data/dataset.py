@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gptoss.data.layout import DTYPE, META_NAME, DataError, read_meta
+from gptoss.tokenizer import ENCODING_NAME, VOCAB_SIZE, token_byte_lengths
 
 _CHUNK_TOKENS = 1 << 24  # 64 MiB reads when scanning a split
 
@@ -31,11 +32,7 @@ class TokenDataset:
                  vocab_size: int | None = None) -> None:
         self.data_dir, self.split, self.seq_len = Path(data_dir), split, int(seq_len)
         self.meta = read_meta(self.data_dir)
-        if seq_len < 1:
-            raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        meta_path = self.data_dir / META_NAME
-        if self.meta.get("dtype") != "uint32":
-            raise DataError(f"{meta_path}: dtype {self.meta.get('dtype')!r}, expected 'uint32'")
+        meta_path = self.data_dir / META_NAME  # its format_version fixes the dtype; train.py checks seq_len >= 1
         splits = self.meta.get("splits", {})
         if split not in splits:
             raise DataError(f"{meta_path} has no split '{split}'; splits: {list(splits)}")
@@ -81,6 +78,11 @@ class TokenDataset:
         """Number of valid window starts."""
         return self.num_tokens - self.seq_len
 
+    @property
+    def num_windows(self) -> int:
+        """Non-overlapping windows of seq_len + 1 tokens at starts 0, seq_len, 2 seq_len, ... (the sampler's)."""
+        return (self.num_tokens - 1) // self.seq_len
+
     def batch(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), int64 [B, seq_len], gathered in one fancy-indexing read of the memmap."""
         starts = np.asarray(starts, dtype=np.int64)
@@ -88,8 +90,8 @@ class TokenDataset:
         self._check_ids(rows, starts)
         return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
 
-    def _check_ids(self, rows: np.ndarray, starts: np.ndarray) -> None:
-        """Refuse windows [len(starts), seq_len + 1] holding an id outside the vocabulary: the embedding lookup
+    def _check_ids(self, rows: np.ndarray, starts: np.ndarray) -> int:
+        """The largest id of windows [len(starts), n]; one outside the vocabulary is refused: the embedding lookup
         would crash (a device-side assert on GPU) or train on garbage. One max per batch costs nothing."""
         top = int(rows.max()) if rows.size else -1
         if top >= self.vocab_size:
@@ -99,36 +101,29 @@ class TokenDataset:
                 f"of {self.vocab_size}: the file is corrupted (train.py --verify_data scans the whole file); "
                 "re-run prepare_data.py --force"
             )
+        return top
 
     def token_bytes(self) -> np.ndarray | None:
         """UTF-8 bytes per id (`gptoss.tokenizer.token_byte_lengths`) when the split was tokenized with
         o200k_harmony, for bits per byte; None for other tokenizers (the tests' synthetic ids have no text)."""
-        from gptoss.tokenizer import ENCODING_NAME, VOCAB_SIZE, token_byte_lengths
-
         if self.meta.get("tokenizer") != ENCODING_NAME or self.vocab_size != VOCAB_SIZE:
             return None
         return token_byte_lengths()
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         for i in range(0, self.num_tokens, _CHUNK_TOKENS):
-            yield self.tokens[i:i + _CHUNK_TOKENS]
+            yield i, self.tokens[i:i + _CHUNK_TOKENS]
 
     def check_token_range(self) -> int:
         """Scan the split; returns the largest id, raises if any id lies outside the vocabulary."""
-        top = max(int(chunk.max()) for chunk in self._chunks())
-        if top >= self.vocab_size:
-            raise DataError(f"{self.path} holds token id {top}, outside the vocabulary of {self.vocab_size}: "
-                            "tokenized with another tokenizer or corrupted; re-run prepare_data.py --force")
-        return top
+        return max(self._check_ids(chunk[None], np.array([i])) for i, chunk in self._chunks())
 
     def verify_checksum(self) -> str:
         """sha256 of the file against meta.json (reads the whole file: optional, not done on open)."""
-        expected = self.sha256
         sha = hashlib.sha256()
-        for chunk in self._chunks():
+        for _, chunk in self._chunks():
             sha.update(memoryview(np.ascontiguousarray(chunk)))
-        digest = sha.hexdigest()
-        if digest != expected:
-            raise DataError(f"{self.path} has sha256 {digest}, {META_NAME} says {expected}: the file changed "
+        if (digest := sha.hexdigest()) != self.sha256:
+            raise DataError(f"{self.path} has sha256 {digest}, {META_NAME} says {self.sha256}: the file changed "
                             "since it was prepared (corrupted or overwritten); re-run prepare_data.py --force")
         return digest

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gptoss.config import read_json_object
 from gptoss.errors import UserError
 
 META_NAME = "meta.json"
@@ -44,12 +45,8 @@ def read_meta(data_dir: Path) -> dict[str, Any]:
             f"{path} not found: {data_dir} is not a prepared data dir, or its preparation was interrupted "
             "(run launch/prepare_data.py)"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
-    found = meta.get("format_version") if isinstance(meta, dict) else None
-    if found != FORMAT_VERSION:
+    meta = read_json_object(path, DataError)
+    if (found := meta.get("format_version")) != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {found}, this gptoss reads format_version {FORMAT_VERSION}; "
                         "re-run prepare_data.py --force")
     return meta

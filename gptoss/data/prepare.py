@@ -31,6 +31,7 @@ from gptoss.data.layout import (
     write_token_counts,
 )
 from gptoss.data.sources import DEFAULT_SOURCE, check_columns, holdout, load_files, load_hub, resolve_source
+from gptoss.data.synthetic import entropy_bits_per_byte, generate_corpus
 from gptoss.tokenizer import ENCODING_NAME, EOT_ID, VOCAB_SIZE, get_encoding
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,13 @@ def _tokenize(ds: Any, split: str, text_column: str, num_proc: int | None) -> An
 
 
 def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Stream the tokenized split into `path` (`layout.write_split`), with a progress bar."""
+    """Stream the tokenized split into `path` (`layout.write_split`), with a progress bar; its meta entry counts
+    the documents' UTF-8 bytes too."""
     import pyarrow.compute as pc
     from tqdm.auto import tqdm
 
     total = pc.sum(ds.with_format("arrow")["len"]).as_py()
+    utf8_bytes = int(pc.sum(ds.with_format("arrow")["bytes"]).as_py())
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"write {split}") as bar:
         def chunks() -> Iterator[np.ndarray]:
             for table in ds.with_format("arrow").iter(batch_size=10_000):
@@ -89,21 +92,13 @@ def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.nd
         info, counts = write_split(path, chunks(), VOCAB_SIZE)
     if info["tokens"] != total:
         raise DataError(f"wrote {info['tokens']} tokens to {path}, expected {total}")
-    return info, counts
-
-
-def _utf8_bytes(tokenized: Any) -> int:
-    import pyarrow.compute as pc
-
-    return int(pc.sum(tokenized.with_format("arrow")["bytes"]).as_py())
+    return {**info, "documents": ds.num_rows, "bytes": utf8_bytes}, counts
 
 
 def _synthetic_splits(n: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """n training stories and max(1, n // 10) validation stories from gptoss's own grammar (one seeded draw),
     and what meta.json records of them: the exact entropy of each split, the floor of its bits per byte."""
     import datasets
-
-    from gptoss.data.synthetic import entropy_bits_per_byte, generate_corpus
 
     n_val = max(1, n // 10)
     stories = generate_corpus(n + n_val, seed)
@@ -135,10 +130,9 @@ def prepare_dataset(
     instead writes N stories of gptoss's own grammar (`gptoss.data.synthetic`, seeded by `seed`) plus
     N // 10 (at least 1) validation stories, and records their exact entropy in meta.json["synthetic"].
     Each split's meta records its UTF-8 bytes (for bits per byte). The validation split is the source's own
-    (hub: `val_split` or the first of validation/valid/val/dev; files: names containing
-    valid/validation/val/dev) when there is one,
-    else a seeded random `val_fraction` of the documents (at least one). Finished output with the same
-    settings is left as is unless `force`.
+    (hub: `val_split` or the first of validation/valid/val/dev; files: names containing valid/validation/val/dev)
+    when there is one, else a seeded random `val_fraction` of the documents (at least one). Finished output with
+    the same settings is left as is unless `force`.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -171,20 +165,15 @@ def prepare_dataset(
         log.info("%s is already prepared (%s); nothing to do (force=True re-prepares)", out, meta["source"])
         return meta
 
-    synthetic_info = None
+    extra = {}
     if synthetic is not None:
-        splits, synthetic_info = _synthetic_splits(synthetic, seed)
-        text_column = "text"
-    elif files is not None:
-        splits = load_files(files, text_column)
+        splits, extra["synthetic"] = _synthetic_splits(synthetic, seed)
+        text_column, val_from = "text", "synthetic stories drawn after the training ones"
     else:
-        splits = load_hub(source or DEFAULT_SOURCE, train_split, val_split)
-    check_columns(splits, text_column, description)
-    if synthetic_info is not None:
-        val_from = "synthetic stories drawn after the training ones"
-    elif "val" in splits:
+        splits = load_files(files, text_column) if files else load_hub(source or DEFAULT_SOURCE, train_split, val_split)
         val_from = "source validation split"
-    else:
+    check_columns(splits, text_column, description)
+    if "val" not in splits:
         splits["train"], splits["val"] = holdout(splits["train"], val_fraction, seed, description)
         val_from = f"seeded holdout (val_fraction={val_fraction}, seed={seed})"
 
@@ -205,16 +194,14 @@ def prepare_dataset(
                 raise DataError(f"{description}: split '{split}' has no non-empty documents")
             tmp_bins[split] = out / f"{split}.bin.{uuid.uuid4().hex[:8]}.tmp"
             info, id_counts[split] = _write_split(tokenized, tmp_bins[split], split)
-            stats[split] = {"file": f"{split}.bin", **info, "documents": tokenized.num_rows,
-                            "bytes": _utf8_bytes(tokenized)}
+            stats[split] = {"file": f"{split}.bin", **info}
         write_token_counts(counts_tmp, id_counts)
         seconds = time.perf_counter() - t0  # tokenize + write
         n_tokens = sum(s["tokens"] for s in stats.values())
         meta = new_meta(tokenizer=ENCODING_NAME, vocab_size=VOCAB_SIZE, eot_id=EOT_ID, source=description,
                         splits=stats, val_from=val_from, settings=settings, seconds=round(seconds, 3),
                         tokens_per_second=round(n_tokens / max(seconds, 1e-9), 1),
-                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        **({"synthetic": synthetic_info} if synthetic_info is not None else {}))
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
         (out / META_NAME).unlink(missing_ok=True)  # from here until the end the dir is "unfinished"
         for split, tmp in tmp_bins.items():
             os.replace(tmp, out / stats[split]["file"])

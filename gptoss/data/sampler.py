@@ -28,22 +28,13 @@ class BatchSampler:
     the same batch and a run resumed from `state_dict()` continues the identical stream."""
 
     def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        if seed < 0:
-            raise DataError(f"seed must be >= 0, got {seed}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.step = 0
         self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): the one in use
 
-    @property
-    def windows_per_epoch(self) -> int:
-        """Non-overlapping windows of seq_len + 1 tokens in the split."""
-        return (self.dataset.num_tokens - 1) // self.dataset.seq_len
-
     def starts(self, step: int) -> np.ndarray:
         """Window starts of batch `step`."""
-        n = self.windows_per_epoch
+        n = self.dataset.num_windows
         first = step * self.batch_size  # position in the endless epoch stream
         pos = np.arange(first, first + self.batch_size, dtype=np.int64)
         windows = np.empty_like(pos)
@@ -54,7 +45,7 @@ class BatchSampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch))
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.dataset.num_windows))
         return self._perm[1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +89,7 @@ def whole_split_batches(dataset: TokenDataset, batch_size: int, *, rank: int = 0
     last window, and whole batches that only even out the ranks, repeat window 0 with every target set to
     IGNORE_INDEX, so they count in no loss.
     """
-    n = (dataset.num_tokens - 1) // dataset.seq_len
+    n = dataset.num_windows
     n_batches = -(-n // batch_size)
     n_batches = -(-n_batches // world_size) * world_size
     for i in range(rank, n_batches, world_size):

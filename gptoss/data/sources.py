@@ -9,6 +9,7 @@ from its split names; without one, `holdout` draws a seeded random share of the 
 from __future__ import annotations
 
 import glob
+import gzip
 import itertools
 import logging
 import re
@@ -26,7 +27,7 @@ DEFAULT_SOURCE = "roneneldan/TinyStories"
 DOC_SEPARATOR = "<|endoftext|>"  # the line between stories in TinyStories .txt files
 FORMATS = {".txt": "txt", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
-_VAL_FILE = re.compile(r"(^|[-_. ])(validation|valid|val|dev)([-_. ]|$)", re.IGNORECASE)
+_VAL_FILE = re.compile(rf"(^|[-_. ])({'|'.join(VAL_SPLIT_NAMES)})([-_. ]|$)", re.IGNORECASE)
 _TEST_FILE = re.compile(r"(^|[-_. ])test([-_. ]|$)", re.IGNORECASE)
 
 
@@ -98,8 +99,6 @@ def _split_files(files: list[Path]) -> dict[str, list[Path]]:
 def read_txt_stories(path: str | Path) -> Iterator[str]:
     """Stream the non-empty stories of a .txt (or .txt.gz) between `<|endoftext|>` lines, stripped; needs no
     `datasets` (bench/gpu_check.py reads its TinyStories copy with it)."""
-    import gzip
-
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines: list[str] = []
@@ -157,15 +156,11 @@ def load_hub(name: str, train_split: str, val_split: str | None) -> dict[str, An
             f"cannot load '{name}' from the Hugging Face hub ({type(e).__name__}: {first}); "
             "offline, HF_HUB_OFFLINE=1 loads a copy already in the HF cache, else pass a local file, dir or glob"
         ) from e
-    if train_split not in dd:
-        raise DataError(f"hub dataset '{name}' has no split '{train_split}'; splits: {list(dd)}")
-    out = {"train": dd[train_split]}
-    if val_split is not None and val_split not in dd:
-        raise DataError(f"hub dataset '{name}' has no split '{val_split}'; splits: {list(dd)}")
+    for split in (train_split, val_split):
+        if split is not None and split not in dd:
+            raise DataError(f"hub dataset '{name}' has no split '{split}'; splits: {list(dd)}")
     val = val_split or next((s for s in VAL_SPLIT_NAMES if s in dd), None)
-    if val is not None:
-        out["val"] = dd[val]
-    return out
+    return {"train": dd[train_split], **({"val": dd[val]} if val is not None else {})}
 
 
 def check_columns(splits: dict[str, Any], text_column: str, description: str) -> None:
@@ -175,10 +170,8 @@ def check_columns(splits: dict[str, Any], text_column: str, description: str) ->
                 f"{description}: no text column '{text_column}' in split '{split}'; "
                 f"columns: {ds.column_names} (choose one with --text_column)"
             )
-        dtype = getattr(ds.features[text_column], "dtype", None)
-        if dtype not in ("string", "large_string"):
-            feature = ds.features[text_column]
-            raise DataError(f"{description}: column '{text_column}' holds {feature}, not text")
+        if getattr(ds.features[text_column], "dtype", None) not in ("string", "large_string"):
+            raise DataError(f"{description}: column '{text_column}' holds {ds.features[text_column]}, not text")
         if ds.num_rows == 0:
             raise DataError(f"{description}: split '{split}' is empty (no documents)")
 

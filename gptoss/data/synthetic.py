@@ -25,6 +25,7 @@ template grammar fixes most words, so its floor sits below natural text's.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -51,15 +52,19 @@ class Story:
 class Choices:
     """The one door through which the grammar chooses and writes, so bits add up every choice's -log2 p.
 
-    Subclasses decide how a choice is made (`_choose`: draw it, or, in the tests' recogniser, follow a text).
+    Each choice is drawn from `rng` with its stated probability, integers only (so the same on every machine);
+    the tests' recogniser overrides `_choose` to follow a text instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng
         self.bits = 0.0
         self.parts: list[str] = []
 
     def _choose(self, n: int, weights: Weights, texts: Sequence[str] | None) -> int:
-        raise NotImplementedError
+        if weights is None:
+            return self.rng.randrange(n)
+        return bisect.bisect_right(list(itertools.accumulate(weights)), self.rng.randrange(sum(weights)))
 
     def emit(self, text: str) -> None:
         self.parts.append(text)
@@ -80,27 +85,9 @@ class Choices:
         return i
 
 
-class _Sampler(Choices):
-    """Draws each choice with its stated probability, integers only (so the same on every machine)."""
-
-    def __init__(self, rng: random.Random) -> None:
-        super().__init__()
-        self.rng = rng
-
-    def _choose(self, n: int, weights: Weights, texts: Sequence[str] | None) -> int:
-        if weights is None:
-            return self.rng.randrange(n)
-        r = self.rng.randrange(sum(weights))
-        for i, w in enumerate(weights):
-            r -= w
-            if r < 0:
-                return i
-        raise AssertionError("unreachable")
-
-
 def generate_story(rng: random.Random) -> Story:
     """One story drawn with `rng` (a `random.Random` the caller seeded), with its exact bits."""
-    c = _Sampler(rng)
+    c = Choices(rng)
     tell_story(c)
     return Story("".join(c.parts), c.bits)
 

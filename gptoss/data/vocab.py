@@ -15,8 +15,7 @@ HARMONY_SPECIAL_IDS = (BOS_ID, EOT_ID, RETURN_ID, CHANNEL_ID, START_ID, END_ID, 
 
 def kept_set(train_ids: Iterable[int], vocab_size: int) -> list[int]:
     """The kept set S: every id the training split uses plus the special ids (those inside the vocabulary)."""
-    ids = {int(i) for i in train_ids} | {i for i in HARMONY_SPECIAL_IDS if i < vocab_size}
-    return sorted(ids)
+    return sorted({int(i) for i in train_ids} | {i for i in HARMONY_SPECIAL_IDS if i < vocab_size})
 
 
 def data_kept_ids(train_data: TokenDataset) -> list[int] | None:

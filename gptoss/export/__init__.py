@@ -11,23 +11,16 @@ Reading the checkpoint itself (ZeRO partitions, expert files, any ep size) is `g
 
 from gptoss.checkpoint.read import load_state_dict
 from gptoss.errors import ExportError
-from gptoss.export.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, HF_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from gptoss.export.layout import CONFIG_NAME, HF_CONFIG_NAME
 from gptoss.export.read import read_export
-from gptoss.export.shards import ShardWriter, parse_size
-from gptoss.export.write import DTYPES, export, save_export, save_model
+from gptoss.export.write import export, save_export, save_model
 
 __all__ = [
     "CONFIG_NAME",
-    "DTYPES",
-    "GENERATION_CONFIG_NAME",
     "HF_CONFIG_NAME",
-    "INDEX_NAME",
-    "WEIGHTS_NAME",
     "ExportError",
-    "ShardWriter",
     "export",
     "load_state_dict",
-    "parse_size",
     "read_export",
     "save_export",
     "save_model",

@@ -1,9 +1,5 @@
-"""Reading an export directory back: config and state dict under our names, global expert ids.
-
-Three kinds are read: ours with HF names (config.json + gptoss_config.json), our own format (gptoss_config.json
-alone: our names) and a GptOss directory written by transformers (config.json alone). The state dict is checked
-against the config exactly as a checkpoint's is (`gptoss.checkpoint.read.check_shapes`).
-"""
+"""Reading an export directory back: config and state dict under our names, global expert ids, checked against
+the config exactly as a checkpoint's is (`gptoss.checkpoint.read.check_shapes`)."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ from gptoss.checkpoint.read import check_shapes, expected_shapes
 from gptoss.config import ConfigError, ModelConfig
 from gptoss.errors import ExportError
 from gptoss.export.layout import CONFIG_NAME, HF_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from gptoss.hf import from_hf_config, from_hf_state_dict
 
 
 def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -24,8 +21,6 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
     names (config.json + gptoss_config.json), our own format (gptoss_config.json alone: our names), or a
     GptOss HF dir (config.json alone)."""
     from safetensors.torch import load_file
-
-    from gptoss.hf import from_hf_config, from_hf_gpt2_state_dict, from_hf_state_dict
 
     path = Path(path)
     hf_names = (path / HF_CONFIG_NAME).is_file()
@@ -49,13 +44,8 @@ def read_export(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
         if not (path / f).is_file():
             raise ExportError(f"{path / f}: weight shard listed in {INDEX_NAME} is missing")
         stored.update(load_file(str(path / f)))
-    if not hf_names:  # our own format: our names already; a tied lm_head is stored as the embedding
-        state = stored
-        if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:
-            state.setdefault("lm_head.weight", state["wte.weight"])
-    elif cfg.arch == "gpt2":
-        state = from_hf_gpt2_state_dict(stored, cfg)
-    else:
-        state = from_hf_state_dict(stored, cfg)
+    state = from_hf_state_dict(stored, cfg) if hf_names else stored  # our own format: our names already
+    if cfg.arch == "gpt2" and cfg.tie_word_embeddings and "wte.weight" in state:  # stored once, as the embedding
+        state.setdefault("lm_head.weight", state["wte.weight"])
     check_shapes(state, expected_shapes(cfg), str(path), "its config")
     return cfg, state

@@ -60,19 +60,15 @@ class ShardWriter:
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def finish(self) -> list[str]:
+    def finish(self) -> None:
         self.flush()
         n = len(self.shards)
         if n == 1:
             self.shards[0][0].rename(self.out_dir / WEIGHTS_NAME)
-            return [WEIGHTS_NAME]
+            return
         weight_map: dict[str, str] = {}
-        names = []
         for i, (path, keys) in enumerate(self.shards, start=1):
-            name = shard_name(i, n)
-            path.rename(self.out_dir / name)
-            weight_map.update(dict.fromkeys(keys, name))
-            names.append(name)
+            path.rename(self.out_dir / shard_name(i, n))
+            weight_map.update(dict.fromkeys(keys, shard_name(i, n)))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return names

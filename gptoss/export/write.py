@@ -2,22 +2,11 @@
 in-memory model (`save_model`) -> a Hugging Face model directory, on CPU.
 
 `save_export` takes pieces of our state dict and writes them, in HF names, as safetensors shards
-(`shards`), with config.json, generation_config.json and our gptoss_config.json (names in `layout`). The
-output is written to a temporary sibling directory and renamed at the end, so a failed export never leaves
-a half-written model; tensors are streamed, so peak memory is about one shard plus one piece.
-
-A GPT-2 baseline whose shape transformers' GPT2LMHeadModel cannot hold (num_attention_heads * head_dim !=
-hidden_size, see `gptoss.hf.hf_incompatibility`) is written in our own format instead: the same
-safetensors shards under our state-dict names, gptoss_config.json, and no config.json (so nothing mistakes
-it for a transformers directory); a warning says why. `gptoss.export.read.read_export` and
-`gptoss.generate.load_model` read both formats: a directory without config.json holds our names.
-
-A model with o200k_harmony's 201,088 ids also gets Hugging Face tokenizer files (tokenizer.json,
-tokenizer_config.json, special_tokens_map.json; see `gptoss.hf_tokenizer`), so
-`transformers.AutoTokenizer.from_pretrained(out)` and `pipeline("text-generation", model=out)` work and
-encode exactly as tiktoken does. `tokenizer="auto"` (the default) writes them when the `tokenizers` package
-(part of transformers) is installed and says so in one warning when it is not; "yes" makes either missing an
-error; "no" leaves them out. Small (test) vocabularies never get them.
+(`shards`), with config.json, generation_config.json and our gptoss_config.json (names in `layout`), plus the
+Hugging Face tokenizer files for o200k_harmony's vocabulary (`gptoss.hf_tokenizer`), so `AutoTokenizer` and
+`pipeline("text-generation", model=out)` work and encode exactly as tiktoken does. The output is written to a
+temporary sibling directory and renamed at the end, so a failed export never leaves a half-written model;
+tensors are streamed, so peak memory is about one shard plus one piece.
 """
 
 from __future__ import annotations
@@ -42,7 +31,6 @@ from gptoss.hf import hf_config, hf_generation_config, hf_incompatibility, to_hf
 from gptoss.hf_tokenizer import tokenizer_files_wanted, write_tokenizer_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 log = logging.getLogger("gptoss.export")  # the package's name: the one logger users filter on for its warnings
 
@@ -58,15 +46,9 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None =
            config: ModelConfig | str | os.PathLike | None = None, dtype: str | None = None,
            master_weights: bool = False, max_shard_size: int | str = "5GB", overwrite: bool = False,
            progress: bool = True, tokenizer: str = "auto", verify_checkpoint: bool = False) -> Path:
-    """Checkpoint -> `out`: safetensors weights in HF names, config.json, generation_config.json and our
-    gptoss_config.json; with o200k_harmony's vocabulary also the Hugging Face tokenizer files (`tokenizer`:
-    "auto", "yes" or "no", see `save_export`).
-
-    dtype: "bf16" or "fp32"; None keeps the checkpoint's (fp32 with master_weights). The GPT-2 baseline
-    exports to a `GPT2LMHeadModel` directory when its shape allows, otherwise to our own format (see
-    `save_export`). The checkpoint is checked against its manifest first: file sizes, and with
-    verify_checkpoint the crc32 of every file (see `gptoss.checkpoint.manifest`).
-    """
+    """Checkpoint -> export dir `out` (see `save_export`), after checking the checkpoint against its manifest
+    (file sizes; with verify_checkpoint the crc32 of every file). dtype: "bf16" or "fp32"; None keeps the
+    checkpoint's (fp32 with master_weights)."""
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     _check_out(Path(out), overwrite)
@@ -75,10 +57,11 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, tag: str | None =
 
     from tqdm.auto import tqdm
 
-    with tqdm(total=n_files_to_read(ckpt, master_weights), desc=f"export {ckpt.tag}", unit="file",
+    with tqdm(total=n_files_to_read(ckpt, master_weights), desc=f"export {ckpt.tag_dir.name}", unit="file",
               disable=not progress) as bar:
-        return save_export(iter_state_chunks(ckpt, master_weights, bar), ckpt.config, out, dtype=target,
-                           max_shard_size=max_shard_size, overwrite=overwrite, tokenizer=tokenizer)
+        chunks = iter_state_chunks(ckpt, master_weights, lambda: bar.update(1))
+        return save_export(chunks, ckpt.config, out, dtype=target, max_shard_size=max_shard_size,
+                           overwrite=overwrite, tokenizer=tokenizer)
 
 
 def save_model(model: torch.nn.Module, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -96,22 +79,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out: str | os.PathLike, *,
                 dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
                 overwrite: bool = False, tokenizer: str = "auto") -> Path:
-    """Write pieces of our state dict (global expert ids) as an HF model dir, via a temporary directory
-    renamed into place at the end. dtype None keeps each tensor's own.
+    """Write pieces of our state dict (global expert ids) as an HF model dir; dtype None keeps each tensor's own.
 
-    A config transformers cannot represent (`hf_incompatibility`) is written in our own format: the same
-    shards under our state-dict names plus gptoss_config.json, without config.json and
-    generation_config.json; a warning on the `gptoss.export` logger (stderr when logging is not set up)
-    says why. A tied lm_head.weight is stored once, as the embedding, in both formats.
+    A config transformers cannot represent (`hf_incompatibility`) is written in our own format: the same shards
+    under our state-dict names plus gptoss_config.json, no config.json or generation_config.json (so nothing
+    mistakes it for a transformers dir), and a warning on the `gptoss.export` logger says why. A tied
+    lm_head.weight is stored once, as the embedding. A data-vocabulary model is written as the full-vocabulary
+    model it equals (`gptoss.export.vocab`), its configs without kept_ids.
 
-    tokenizer: "auto" adds the Hugging Face tokenizer files (`gptoss.hf_tokenizer.TOKENIZER_FILES`) when
-    cfg has o200k_harmony's vocabulary and the `tokenizers` package is installed (a warning when only the
-    package is missing), "yes" requires both (TokenizerExportError before anything is written), "no" never.
-    They are written inside the temporary directory, so a failed build leaves nothing either.
-
-    A data-vocabulary model (`cfg.kept_ids`) is written as the standard full-vocabulary model it equals: each id
-    outside the kept set gets the tail row in the unembedding and the shared row in the embedding
-    (`gptoss.export.vocab.expand_state_dict`), and the configs have no kept_ids."""
+    tokenizer: "auto" adds the tokenizer files when cfg has o200k_harmony's vocabulary and `tokenizers` is
+    installed (a warning when only the package is missing), "yes" requires both (TokenizerExportError before
+    anything is written), "no" never."""
     out = Path(out)
     trained_cfg, cfg = cfg, cfg.exported()
     _check_out(out, overwrite)
@@ -135,7 +113,7 @@ def save_export(chunks: Iterable[dict[str, torch.Tensor]], cfg: ModelConfig, out
                 writer.add(name, tensor)
         writer.finish()
         if reason is None:
-            torch_dtype = DTYPE_NAMES.get(dtype or stored or torch.float32, "float32")
+            torch_dtype = str(dtype or stored or torch.float32).removeprefix("torch.")
             (tmp / HF_CONFIG_NAME).write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
             (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(hf_generation_config(cfg), indent=2) + "\n")
         cfg.save(tmp / CONFIG_NAME)

@@ -6,8 +6,7 @@
     args         the flags (TrainArgs), the command line built from them, the checks of each flag alone
     ds_config    the DeepSpeed config: unknown keys refused, batch arithmetic, DeepSpeed's own validation
     plan         every check of flags, configs and data that needs no process group -> a frozen Plan
-    resume       whether and from which tag the run resumes (a value, checked before any process group), and
-                 restoring a running engine from it
+    resume       whether and from which tag the run resumes (decided before any process group), and the restore
     save         saving a running engine: the commit protocol, RNG streams and counters, pruning the run's chain
     distributed  Slurm's rank variables, the process group and its collective timeout, lost-peer errors
     engine       the model and DeepSpeed's engine

@@ -4,6 +4,7 @@ place, without the config, data or DeepSpeed code behind them."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,6 @@ class TrainArgs:
 
 def arg_parser(description: str | None = None) -> Any:
     """The command line of `launch/train.py`: one flag per `TrainArgs` field, help from the field."""
-    import argparse
-
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     types = {"int | None": int, "int": int, "float": float, "str": str, "int | str": _int_or_all,
              "str | None": str}
@@ -112,8 +111,6 @@ def _int_or_all(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
 
 
@@ -139,9 +136,6 @@ def check_args(a: TrainArgs) -> None:
     from gptoss.model.kernels.attention import ATTENTION_IMPLS
     from gptoss.model.kernels.head_loss import LOSS_IMPLS
 
-    if a.vocab not in VOCAB_CHOICES:
-        raise TrainError(f"--vocab={a.vocab}: expected one of {', '.join(VOCAB_CHOICES)}")
-    if a.attn_impl not in ATTENTION_IMPLS:
-        raise TrainError(f"--attn_impl={a.attn_impl}: expected one of {', '.join(ATTENTION_IMPLS)}")
-    if a.loss_impl not in LOSS_IMPLS:
-        raise TrainError(f"--loss_impl={a.loss_impl}: expected one of {', '.join(LOSS_IMPLS)}")
+    for name, choices in (("vocab", VOCAB_CHOICES), ("attn_impl", ATTENTION_IMPLS), ("loss_impl", LOSS_IMPLS)):
+        if getattr(a, name) not in choices:
+            raise TrainError(f"--{name}={getattr(a, name)}: expected one of {', '.join(choices)}")

@@ -4,9 +4,13 @@ Everything that knows about launchers and environment variables lives here."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from datetime import timedelta
+
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from gptoss.errors import TrainError
 
@@ -81,8 +85,6 @@ def init_distributed(timeout_min: float) -> None:
     # DeepSpeed builds its data/expert-parallel groups with new_group(ranks), which takes torch's 30-minute
     # default instead of the world group's timeout; ZeRO's gradient reduction and the MoE all-to-all run on
     # those groups, so without this a hung rank stalls the others for 30 minutes whatever --timeout_min says.
-    import torch.distributed.distributed_c10d as c10d
-
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if get_accelerator().device_name() == "cpu":
         skip_shm_comm_build()
@@ -94,8 +96,6 @@ def skip_shm_comm_build() -> None:
     C++ compiler on a machine's first start, and a failure without one). Only `inference_all_reduce` uses it,
     and that falls back to torch.distributed without it; training's collectives are torch.distributed (gloo)
     either way, so nothing changes but the start-up."""
-    import importlib
-
     backend = importlib.import_module("deepspeed.comm.torch")  # deepspeed.comm re-exports torch as `torch`
     if hasattr(backend, "build_shm_op"):
         backend.build_shm_op = lambda: None
@@ -104,8 +104,6 @@ def skip_shm_comm_build() -> None:
 def is_comm_failure(e: BaseException) -> bool:
     """A collective or the rendezvous failed: a peer died, hung past the timeout, or the network broke. Gloo
     reports these as plain RuntimeErrors, so its words are matched too."""
-    import torch.distributed as dist
-
     if isinstance(e, dist.DistError):
         return True
     markers = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Timed out waiting")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import typing
 from typing import Any
 
 from gptoss.config import read_json_object
@@ -89,13 +90,9 @@ def _closest(key: str, known: set[str] | frozenset[str]) -> str | None:
 
 def _refuse_unknown(unknown: set[str], known: frozenset[str], what: str, fix: str) -> None:
     """One line naming each unknown key, with the closest known one where there is one."""
-    if not unknown:
-        return
-    named = []
-    for key in sorted(unknown):
-        close = _closest(key, known)
-        named.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
-    raise TrainError(f"{what}: {', '.join(named)}; {fix}")
+    if unknown:
+        named = [f"'{k}'" + (f" (did you mean '{c}'?)" if (c := _closest(k, known)) else "") for k in sorted(unknown)]
+        raise TrainError(f"{what}: {', '.join(named)}; {fix}")
 
 def check_batch(ds: dict[str, Any], path: str, world: int) -> tuple[int, int, int]:
     """(train_batch_size, micro, accum): the global batch must split evenly over micro-batches and ranks."""
@@ -166,8 +163,6 @@ def _config_model(base: type, name: str) -> type | None:
 
 def _nested_model(model: type | None, path: tuple[str, ...]) -> type | None:
     """Follow `path` through the model's fields (Optional/Union annotations included) to the innermost model."""
-    import typing
-
     for part in path:
         if model is None:
             return None

@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+import torch.distributed as dist
+
 from gptoss.checkpoint.layout import read_latest, write_latest
 from gptoss.checkpoint.lock import acquire_run_lock
 from gptoss.config import flops_per_token
@@ -45,11 +47,9 @@ EXIT_LOST_RANK = 4
 class StopFlag:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, the ranks agree, a checkpoint is saved."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self) -> None:
         self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -68,8 +68,7 @@ def _setup_logging(rank: int) -> None:
 
 
 def main(args: TrainArgs) -> int:
-    """Run training; returns the exit status (0 done or stopped by a signal, 2 user error, 3 non-finite, 4 a rank
-    died or hung)."""
+    """Run training; returns the exit status (listed in the module docstring)."""
     _setup_logging(env_int("RANK", os.environ.get("SLURM_PROCID", 0)))
     lock = None
     try:
@@ -80,7 +79,7 @@ def main(args: TrainArgs) -> int:
         resume = decide_resume(plan)
     except UserError as e:
         if lock is not None:
-            lock.release()
+            lock.close()
         if env_int("RANK", 0) == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -93,7 +92,10 @@ def main(args: TrainArgs) -> int:
         if plan.world_size == 1 or not is_comm_failure(e):
             raise
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        tag = _latest_or_none(plan)
+        try:
+            tag = read_latest(plan.ckpt_dir)
+        except CheckpointError:  # an empty `latest`
+            tag = None
         print(f"train.py: error: rank {plan.rank} lost the other ranks ({first.strip()}): a rank died or hung "
               f"longer than --timeout_min={plan.args.timeout_min:g}; fix the cause and restart with --resume "
               f"(latest checkpoint: {tag or 'none'})", file=sys.stderr)
@@ -107,18 +109,10 @@ def main(args: TrainArgs) -> int:
             os._exit(EXIT_LOST_RANK)
     finally:
         if lock is not None:
-            lock.release()  # the next run on this --out may start
-
-
-def _latest_or_none(plan: Plan) -> str | None:
-    try:
-        return read_latest(plan.ckpt_dir)
-    except CheckpointError:  # an empty `latest`
-        return None
+            lock.close()  # the next run on this --out may start
 
 
 def train(plan: Plan, resume: Resume | None) -> int:
-    import torch.distributed as dist
     from tqdm.auto import tqdm
 
     args = plan.args
@@ -126,8 +120,7 @@ def train(plan: Plan, resume: Resume | None) -> int:
     engine = build_engine(plan)
     sampler = BatchSampler(plan.train_data, plan.global_batch, seed=args.seed)  # the global stream, see step.py
     prog = restore(engine, plan, resume, sampler) if resume else Progress()
-    if plan.rank == 0:
-        plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.rank == 0:  # the run lock made plan.out
         if resume is not None and resume.repoint_latest:
             write_latest(plan.ckpt_dir, resume.tag)  # --resume_from: the run now continues from this tag
         plan.cfg.save(plan.out / "model_config.json")

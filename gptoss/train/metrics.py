@@ -35,15 +35,13 @@ PEAK_FLOPS = {
     "NVIDIA L40S": 362.05e12,
     "NVIDIA L40": 181.05e12,
 }
-_unknown_noted: set[str] = set()
 
 
 def peak_flops_of(name: str) -> float | None:
-    """Dense bf16 peak of the device called `name` (exactly as torch.cuda.get_device_name() says), else None;
-    the first time an unknown name is seen, one log line names it."""
+    """Dense bf16 peak of the device called `name` (exactly as torch.cuda.get_device_name() says), else None
+    and one log line naming it (the trainer asks once per run)."""
     peak = PEAK_FLOPS.get(name.strip())
-    if peak is None and name not in _unknown_noted:
-        _unknown_noted.add(name)
+    if peak is None:
         log.info("no dense bf16 peak known for device %r: MFU is not reported (add it to PEAK_FLOPS in %s)",
                  name, __name__)
     return peak
@@ -89,7 +87,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        record = {k: _finite_or_none(v) for k, v in record.items()}  # NaN/inf are not JSON: null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v  # NaN/inf are not JSON: null
+                  for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
@@ -101,10 +100,6 @@ class MetricsLog:
     def close(self, exit_code: int) -> None:
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)  # W&B marks the run failed unless it is 0
-
-
-def _finite_or_none(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def run_args(plan: Plan) -> dict[str, Any]:

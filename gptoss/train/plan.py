@@ -87,8 +87,7 @@ def plan_run(args: TrainArgs) -> Plan:
     if args.seq_len > cfg.max_position_embeddings:
         raise TrainError(f"--seq_len={args.seq_len} exceeds the model's context "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    tokens_per_step = tbs * args.seq_len
-    total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / tokens_per_step)
+    total = args.max_steps if args.max_steps is not None else math.ceil(args.tokens / (tbs * args.seq_len))
     set_schedule_length(ds, total)
     train_data, val_data = open_data(args, cfg)
     if args.vocab == "data":

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from gptoss.checkpoint.layout import (
     fsync_tree,
@@ -72,8 +73,6 @@ def save_checkpoint(engine: Any, plan: Plan, sampler: BatchSampler, prog: Progre
     A crash anywhere before the commit leaves `latest` naming the previous checkpoint, and the half-written
     tag dir is never read (resume follows `latest` only); it is cleared when that step is saved again.
     """
-    import torch.distributed as dist
-
     started = time.perf_counter()
     tag = tag_for_step(prog.step)
     tag_dir = plan.ckpt_dir / tag

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gptoss.data import IGNORE_INDEX, BatchSampler, eval_batches, whole_split_batches
 from gptoss.train.plan import Plan
@@ -54,8 +55,6 @@ class StepStats:
 def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan,
                stop_requested: bool) -> StepStats:
     """Forward/backward every micro-batch, one optimizer step, then one all-reduce of the step's stats."""
-    import torch.distributed as dist
-
     dev = engine.device
     sums = torch.zeros(4, device=dev)  # loss, aux_loss, non-finite flag, stop flag
     counts = None
@@ -81,10 +80,7 @@ def train_step(engine: Any, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else None
     applied = engine.was_step_applied() and vals[2] == 0
-    expert = None
-    if counts is not None:
-        E = counts.shape[1]
-        expert = [vals[4 + i * E: 4 + (i + 1) * E] for i in range(counts.shape[0])]
+    expert = packed[4:].view(counts.shape).tolist() if counts is not None else None
     return StepStats(loss=vals[0] / plan.world_size, aux_loss=vals[1] / plan.world_size, applied=applied,
                      stop=vals[3] > 0, grad_norm=grad_norm, expert_counts=expert)
 
@@ -101,8 +97,6 @@ def evaluate(engine: Any, plan: Plan) -> EvalStats:
     """Cross-entropy over fixed val windows (`--eval_batches N`) or every target of the split once
     (`--eval_batches all`), shared out over the ranks (equal forwards per rank, which expert parallelism
     needs), summed with one all-reduce: nats, targets and their UTF-8 bytes."""
-    import torch.distributed as dist
-
     data, dev = plan.val_data, engine.device
     if plan.args.eval_batches == "all":
         batches = whole_split_batches(data, plan.micro, rank=plan.rank, world_size=plan.world_size)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gptoss.analysis import AnalysisError
-from gptoss.analysis.attention import attention_figure, attention_maps, default_layers
+from gptoss.analysis.attention import attention_figure, attention_maps
 from gptoss.analysis.compare import compare, summarize, train_command
 from gptoss.analysis.experts import (
     expert_counts_from_model,
@@ -23,7 +23,7 @@ from gptoss.analysis.experts import (
     token_batches,
 )
 from gptoss.analysis.report import architecture_numbers, report_markdown, resolve_config, write_report
-from gptoss.analysis.runs import load_run, training_seconds
+from gptoss.analysis.runs import load_run
 from gptoss.config import flops_per_token, get_config, kv_cache_bytes_per_token, param_counts
 from gptoss.hf import hf_config
 from gptoss.model import build_model
@@ -66,7 +66,8 @@ def synthetic_records(steps: int = 12, layers: int = 2, experts: int = 4, loss0:
     """What gptoss.train logs: a record per step, val_loss every 4 steps; expert 0 grows overloaded."""
     records = []
     for step in range(1, steps + 1):
-        r = {"step": step, "tokens": 512 * step, "loss": loss0 / (1 + 0.1 * step), "tokens_per_s": tps}
+        r = {"step": step, "tokens": 512 * step, "loss": loss0 / (1 + 0.1 * step), "tokens_per_s": tps,
+             "elapsed_s": 512 * step / tps}
         if with_load:
             hot = 0.25 + 0.3 * step / steps
             r["expert_load"] = [[hot] + [(1 - hot) / (experts - 1)] * (experts - 1) for _ in range(layers)]
@@ -164,13 +165,10 @@ def test_report_markdown_has_one_column_per_model():
 
 # ---- runs and comparison -----------------------------------------------------------------------------
 
-def test_training_seconds_rebuilt_from_throughput():
-    records = [{"step": 2, "tokens": 100, "tokens_per_s": 50.0},   # 2 s
-               {"step": 3, "tokens": 150, "val_loss": 1.0},        # eval between logs: next record's rate
-               {"step": 4, "tokens": 200, "tokens_per_s": 100.0},  # +1 s
-               {"step": 5, "tokens": 250, "val_loss": 0.9}]        # after the last log: the last rate
-    assert training_seconds(records) == pytest.approx([2.0, 2.5, 3.0, 3.5])
-    assert training_seconds([{"tokens": 1, "elapsed_s": 7.0}]) == [7.0]
+def test_runs_without_elapsed_s_are_refused(tmp_path):
+    records = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in synthetic_records()]
+    with pytest.raises(AnalysisError, match="elapsed_s"):
+        load_run(write_run(tmp_path / "r", "tiny", records))
 
 
 def test_compare_existing_runs(tmp_path):
@@ -215,6 +213,7 @@ def test_compare_cli_user_errors_are_one_line(tmp_path, capsys):
     assert main(["--models", "tiny,gpt2-tiny", "--out", str(tmp_path / "o"), "--data", "d"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("compare.py: error:") for line in err)
+    assert "--max_steps or --tokens" in err[1] and not (tmp_path / "o").exists()  # refused before any run dir
 
 
 # ---- experts -----------------------------------------------------------------------------------------
@@ -283,12 +282,12 @@ def test_attention_maps_reproduce_the_layer_output():
 
 def test_attention_figure_and_sink_table(tmp_path):
     model = tiny_model(2)
-    assert default_layers(model) == [0, 1]
     ids = torch.randint(0, 512, (1, 20))
     paths = attention_figure(model, ids, tmp_path, tokens=[f"t{i}" for i in range(20)])
     assert_png(paths["png"])
     md = paths["md"].read_text()
     maps = attention_maps(model, ids)
+    assert [m.layer for m in maps] == [0, 1]  # by default the first sliding and the first full layer
     assert f"{maps[0].sink_mass_per_head[0].item():.3f}" in md
     with pytest.raises(AnalysisError, match="layers"):
         attention_maps(model, ids, layers=[5])
@@ -378,8 +377,8 @@ def test_compare_trains_both_models_with_the_trainer(tmp_path, tiny_data):
     assert_png(paths["png"])
     runs = [load_run(tmp_path / "cmp" / name) for name in ("model", "gpt2")]
     assert runs[0].records[-1]["tokens"] == runs[1].records[-1]["tokens"]  # same budget
-    assert all(len(r.val_curve()[0]) == 2 for r in runs)
-    assert np.isfinite([r.val_curve()[2][-1] for r in runs]).all()
+    assert all(len(r.curve("val_loss")[0]) == 2 for r in runs)
+    assert np.isfinite([r.curve("val_loss")[2][-1] for r in runs]).all()
     first_log = (tmp_path / "cmp" / "model" / "train.log").read_text()
     with pytest.raises(AnalysisError, match="training model failed .* already holds checkpoints"):
         compare(tmp_path / "cmp", models=[str(tiny_data / "model.json")], data=tiny_data,

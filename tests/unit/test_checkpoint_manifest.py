@@ -232,7 +232,7 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_finishes(tiny_dat
     assert (out / "checkpoints" / "latest").read_text() == f"step{steps:08d}"
     lock = acquire_run_lock(out)
     assert lock is not None
-    lock.release()
+    lock.close()
 
 
 # ---- two ranks: each describes what it wrote -----------------------------------------------------------------

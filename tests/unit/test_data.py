@@ -311,7 +311,7 @@ def test_token_dataset_rejects_bad_files(prepared: Path) -> None:
     ds = TokenDataset(prepared, "train", seq_len=8)  # opening does not read the file
     with pytest.raises(DataError, match="train.bin has sha256 .* meta.json says"):
         ds.verify_checksum()
-    with pytest.raises(DataError, match="token id 4294967295, outside the vocabulary of 201088"):
+    with pytest.raises(DataError, match=r"token id 4294967295 at position \d+ is outside the vocabulary of 201088"):
         ds.check_token_range()
     (prepared / "meta.json").unlink()
     with pytest.raises(DataError, match="meta.json not found"):
@@ -346,7 +346,7 @@ def test_one_epoch_of_windows_covers_every_token_once(prepared: Path) -> None:
     is left out), and the next epoch is another permutation."""
     ds = TokenDataset(prepared, "train", seq_len=8)
     sampler = BatchSampler(ds, 6, seed=7)
-    n, L = sampler.windows_per_epoch, 8
+    n, L = sampler.dataset.num_windows, 8
     assert n == (ds.num_tokens - 1) // L and ds.num_tokens - 1 - n * L < L
     steps = -(-n // 6)  # the last step straddles into epoch 2
     starts = np.concatenate([sampler.starts(i) for i in range(steps)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,10 +197,7 @@ def test_no_leaves_the_tokenizer_out(model, tmp_path):
 
 
 def test_without_the_tokenizers_package(model, tmp_path, monkeypatch, caplog):
-    def missing():
-        raise ModuleNotFoundError("No module named 'tokenizers'")
-
-    monkeypatch.setattr(hf_tokenizer, "_import_tokenizers", missing)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` raises ModuleNotFoundError
     with pytest.raises(TokenizerExportError, match="needs the Hugging Face tokenizers package") as err:
         save_model(model, tmp_path / "yes", tokenizer="yes")
     assert "\n" not in str(err.value) and not (tmp_path / "yes").exists() and no_partial_dirs(tmp_path)

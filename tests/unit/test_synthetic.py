@@ -14,13 +14,8 @@ from functools import partial
 import pytest
 
 from gptoss.data import synthetic as syn
+from gptoss.data.sources import DOC_SEPARATOR, _txt_documents
 from gptoss.data.synthetic import Choices, Story, entropy_bits_per_byte, generate_corpus, write_stories
-
-try:
-    from gptoss.data.sources import DOC_SEPARATOR, _txt_documents
-except ImportError:  # before the gptoss.data package split
-    from gptoss.data import DOC_SEPARATOR, _txt_documents
-
 
 # ---- a recogniser: every choice sequence of the grammar that writes a given text --------------------------------
 
@@ -178,7 +173,7 @@ def test_bits_by_hand_for_the_helper() -> None:
 
 def test_sampler_draws_with_the_probabilities_it_counts() -> None:
     """Bits are only the floor if the sampler draws with the same probabilities: integer weights 1:2:5."""
-    c = syn._Sampler(random.Random(0))
+    c = syn.Choices(random.Random(0))
     n = 40_000
     counts = Counter(c.say(["a", "b", "c"], weights=[1, 2, 5]) for _ in range(n))
     for i, p in enumerate((1 / 8, 2 / 8, 5 / 8)):
@@ -193,7 +188,7 @@ def test_sampled_helper_bits_average_to_the_enumerated_entropy() -> None:
     entropy = sum(bits * 2.0 ** -bits for _, bits in all_derivations(part))
     rng, n, total = random.Random(1), 20_000, 0.0
     for _ in range(n):
-        c = syn._Sampler(rng)
+        c = syn.Choices(rng)
         part(c)
         total += c.bits
     assert total / n == pytest.approx(entropy, abs=0.05)  # a sampler ignoring the weights would give ~5.7

@@ -142,17 +142,18 @@ class ModelConfig:
         return cls.from_dict(read_json_object(path), source=str(path))
 
 
-def read_json_object(path: str | Path, error: type[Exception] = ConfigError, label: str | None = None) -> dict:
-    """The JSON object in a file; `error` names the file (or `label`) when it is missing, bad JSON or not an object."""
-    path, label = Path(path), label or str(path)
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in a file; a ConfigError names the file when it is missing, bad JSON or not an object
+    (callers at another boundary re-raise it as their own error type)."""
+    path = Path(path)
     if not path.is_file():
-        raise error(f"{label}: file not found")
+        raise ConfigError(f"{path}: file not found")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise error(f"{label}: not valid JSON ({e})") from e
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(d, dict):
-        raise error(f"{label}: expected a JSON object, found {type(d).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object, found {type(d).__name__}")
     return d
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gptoss.config import read_json_object
+from gptoss.config import ConfigError, read_json_object
 from gptoss.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -85,7 +85,10 @@ def read_train_state(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / TRAIN_STATE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: {tag_dir} is not a complete gptoss checkpoint")
-    state = read_json_object(path, CheckpointError)
+    try:
+        state = read_json_object(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     if (found := state.get("format_version")) != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {found}, this gptoss reads format_version {FORMAT_VERSION}")
     missing = [k for k in TRAIN_STATE_KEYS if k not in state]

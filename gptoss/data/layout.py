@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gptoss.config import read_json_object
+from gptoss.config import ConfigError, read_json_object
 from gptoss.errors import UserError
 
 META_NAME = "meta.json"
@@ -45,7 +45,10 @@ def read_meta(data_dir: Path) -> dict[str, Any]:
             f"{path} not found: {data_dir} is not a prepared data dir, or its preparation was interrupted "
             "(run launch/prepare_data.py)"
         )
-    meta = read_json_object(path, DataError)
+    try:
+        meta = read_json_object(path)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
     if (found := meta.get("format_version")) != FORMAT_VERSION:
         raise DataError(f"{path}: format_version {found}, this gptoss reads format_version {FORMAT_VERSION}; "
                         "re-run prepare_data.py --force")

@@ -12,7 +12,7 @@ import logging
 import typing
 from typing import Any
 
-from gptoss.config import read_json_object
+from gptoss.config import ConfigError, read_json_object
 from gptoss.errors import TrainError
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ IGNORED_DS_KEYS: dict[str, str] = {
 
 def load_ds_config(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(DeepSpeed config, gptoss section). Keys starting with `_` are comments and are dropped."""
-    raw = read_json_object(path, TrainError, f"--ds_config {path}")
+    try:
+        raw = read_json_object(path)
+    except ConfigError as e:
+        raise TrainError(f"--ds_config {e}") from e
     ds = {k: v for k, v in raw.items() if not k.startswith("_")}
     ours = ds.pop("gptoss", {})
     if not isinstance(ours, dict):

@@ -41,6 +41,7 @@ def described(plan):
     report.update(basic_optimizer=f"{type(opt).__module__}.{type(opt).__qualname__}",
                   fused=opt.defaults.get("fused"), zero_optimizer=type(engine.optimizer).__name__,
                   grad_accum_dtype=str(getattr(engine.optimizer, "gradient_accumulation_dtype", None)),
+                  comm_dtype=str(getattr(engine.optimizer, "communication_data_type", None)),
                   module_dtype=str(next(engine.module.parameters()).dtype),
                   accum=engine.gradient_accumulation_steps(),
                   activation_checkpointing=engine.module.options.activation_checkpointing)
@@ -86,6 +87,8 @@ def test_shipped_gpu_configs_build_no_deepspeed_op(tiny_data, tmp_path, ds_name,
     assert report["basic_optimizer"] == "torch.optim.adamw.AdamW" and report["fused"] is True
     assert report["zero_optimizer"] == "DeepSpeedZeroOptimizer" and report["accum"] == accum
     assert report["module_dtype"] == "torch.bfloat16" and report["grad_accum_dtype"] == "torch.float32"
+    # the cross-rank gradient sum: fp32 at multinode scale (BENCHMARKS 12), the training dtype on one GPU
+    assert report["comm_dtype"] == ("torch.float32" if ds_name == "multinode.json" else "torch.bfloat16")
     record = read_metrics(out)[1]
     assert not record["skipped"] and record["loss"] > 0 and record["grad_norm"] > 0
     assert (out / "checkpoints" / "latest").read_text() == "step00000001"

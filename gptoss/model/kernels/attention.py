@@ -88,7 +88,8 @@ class Segments:
     def block_mask(self, window: int | None):  # noqa: ANN201 (BlockMask)
         """The FlexAttention story mask (B, 1, T, T) for one layer kind, shared by its layers."""
         if window not in self._block_masks:
-            self._block_masks[window] = _flex_mask(window, self.doc_ids.shape[1], self.doc_ids.device, self.doc_ids)
+            self._block_masks[window] = _flex_mask(window, self.doc_ids.shape[1], self.doc_ids.device, self.doc_ids,
+                                                   compiled=self.doc_ids.is_cuda)
         return self._block_masks[window]
 
 
@@ -209,11 +210,11 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torc
 
 
 def _flex_mask(window: int | None, T: int, device: torch.device, doc_ids: torch.Tensor | None = None,
-               compiled: bool | None = None):  # noqa: ANN202
+               compiled: bool = False):  # noqa: ANN202
     """FlexAttention block mask: causal, inside the window ('<': W keys, not W + 1), and with `doc_ids` (B, T)
-    in the same story per row (key blocks sharing no story with a query block are skipped). Created through
-    torch.compile (`compiled`, default: on CUDA), as eager creation evaluates the mask function on all
-    B x T x T pairs one tensor op at a time."""
+    in the same story per row (key blocks sharing no story with a query block are skipped). `compiled`: created
+    through torch.compile (story masks on CUDA, new each batch), as eager creation evaluates the mask function
+    on all B x T x T pairs one tensor op at a time."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
@@ -222,7 +223,6 @@ def _flex_mask(window: int | None, T: int, device: torch.device, doc_ids: torch.
             ok = ok & (q_idx - kv_idx < window)
         return ok if doc_ids is None else ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-    compiled = torch.device(device).type == "cuda" if compiled is None else compiled
     return create_block_mask(mask, None if doc_ids is None else doc_ids.shape[0], None, T, T, device=device,
                              _compile=compiled)
 

@@ -108,7 +108,10 @@ class GPT2(nn.Module):
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        segments = Segments.from_tokens(input_ids, eot_id) if eot_id is not None else None
+        segments = None
+        if eot_id is not None:  # packed before the first block, so every (compiled) block sees the same Segments
+            segments = Segments.from_tokens(input_ids, eot_id)
+            segments.packing()
         positions = torch.arange(T, device=input_ids.device) if segments is None else segments.positions
         x = self.wte(self.head.rows(input_ids)) + self.wpe(positions)
         for block in self.h:

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from gptoss.config import ModelConfig
 from gptoss.model.attention import Attention, KVCache
 from gptoss.model.head import VocabHead
-from gptoss.model.kernels.attention import ATTENTION_KERNELS, Segments
+from gptoss.model.kernels.attention import ATTENTION_KERNELS, Segments, prepare_segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
 from gptoss.model.moe import init_experts, moe_layer
 from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
@@ -122,7 +122,8 @@ class GptOss(nn.Module):
             raise ValueError("eot_id (story-aware attention) is for whole training windows, not for decoding with "
                              "caches or start_pos; generation starts each story after <|endoftext|> itself")
         else:
-            segments = Segments.from_tokens(input_ids, eot_id)
+            windows = {block.self_attn.window for block in self.layers}
+            segments = prepare_segments(Segments.from_tokens(input_ids, eot_id), self.options.attention, windows)
             positions = segments.positions  # (B, T)
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(self.head.rows(input_ids))  # (B, T, hidden)

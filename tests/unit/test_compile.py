@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import REPO, cpu_env, launch, ok, read_metrics, train_flags
+from torch._dynamo.utils import counters
 
 from gptoss.config import get_config
 from gptoss.model import ModelOptions, build_model
@@ -40,6 +41,51 @@ def test_compiled_blocks_equal_eager_loss_and_gradients(attn):
     assert torch.equal(got[1], ref[1])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+
+
+def story_batch(seed: int, B: int = 2, T: int = 33) -> torch.Tensor:
+    """Token windows whose stories (EOT = 0 starts one) lie differently for each seed."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (B, T), generator=g)
+    ids[torch.rand(B, T, generator=g) < 0.15] = 0
+    return ids
+
+
+def compiled_graphs(preset: str, layers: int, attn: str, evaluate: bool = True) -> int:
+    """Graphs dynamo compiled for the blocks of a `layers`-deep model over two story-aware training steps and an
+    evaluation (FlexAttention has no CPU backward: its steps run without gradients)."""
+    torch.manual_seed(0)
+    options = ModelOptions(attention=attn, compile=True, compile_backend="aot_eager")
+    model = build_model(get_config(preset, num_hidden_layers=layers, **TINY), options=options)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.set_grad_enabled(attn != "flex"):
+        for seed in (1, 2):
+            x = story_batch(seed)
+            out = model(x[:, :-1], targets=x[:, 1:], eot_id=0)
+            if torch.is_grad_enabled():
+                (out.loss + out.aux_loss).backward()
+    with torch.no_grad():
+        if not evaluate:
+            return counters["stats"]["unique_graphs"]
+        x = story_batch(3)
+        model.eval()(x[:, :-1], targets=x[:, 1:], eot_id=0)
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("preset,attn,depths", [("tiny", "eager", (2, 4)), ("tiny", "cpu", (2, 4)),
+                                                ("tiny", "flex", (2, 4)), ("gpt2-tiny", "cpu", (1, 2))])
+def test_blocks_compile_once_per_attention_kind_whatever_the_depth(preset, attn, depths):
+    """Every layer of a forward must find the same guarded state (story masks and packing built before the first
+    block, one window per kind), or each deeper layer compiles its block again: torch's recompile limit (8) is
+    then reached at a few layers and the rest silently runs eager. 2 GPT-OSS layers are one of each kind.
+    The SDPA story path (cpu) runs eagerly inside the compiled block; after that graph break, dynamo's
+    evaluation frames differ by one graph between 2 layers and 4 (4, 6 and 8 give the same): training only."""
+    evaluate = not (preset == "tiny" and attn == "cpu")
+    shallow, deep = (compiled_graphs(preset, layers, attn, evaluate) for layers in depths)
+    assert deep == shallow
+    if attn != "cpu":  # no graph break: (sliding, full) x (training, evaluation); flex only evaluates
+        assert deep == (2 if attn == "flex" else 4)
 
 
 def test_moe_layer_traces_fullgraph_and_matches_the_per_expert_loop():

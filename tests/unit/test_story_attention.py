@@ -71,6 +71,59 @@ def test_flex_backward_with_stories_on_gpu(window):
     assert_same(got, ref, (q, k, v, s), atol=2e-4, rtol=1e-3)
 
 
+def dense_story_mask(ids: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) from the per-token definition: causal, inside the window, the same story."""
+    start = story_starts(ids)
+    i, j = torch.arange(ids.shape[1])[:, None], torch.arange(ids.shape[1])[None, :]
+    ok = (j <= i) & ((i - j < window) if window is not None else True)
+    return (ok & (start[:, :, None] == start[:, None, :]))[:, None]
+
+
+def block_mask_tensors(mask) -> list[torch.Tensor]:  # noqa: ANN001 (BlockMask)
+    return [t for t in mask.as_tuple(flatten=True) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("window", [None, 16])
+def test_story_block_masks_follow_the_definition(window, compiled):
+    """The FlexAttention story mask, created eagerly (CPU) or through torch.compile (the CUDA default, here on
+    CPU with inductor): its mask function is the dense definition, and its block tables are those of eager
+    creation (blocks partly and wholly inside, in the same order)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from gptoss.model.kernels.attention import _flex_mask
+
+    ids = flex_case()[0]
+    eager = Segments.from_tokens(ids, EOT).block_mask(window)
+    mask = _flex_mask(window, ids.shape[1], ids.device, Segments.from_tokens(ids, EOT).doc_ids, compiled=compiled)
+    B, T = ids.shape
+    assert torch.equal(create_mask(mask.mask_mod, B, 1, T, T), dense_story_mask(ids, window))
+    for a, b in zip(block_mask_tensors(mask), block_mask_tensors(eager), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("impl,built", [("flex", {16, None}), ("cpu", "packing"), ("eager", None)])
+def test_segments_are_prepared_once_before_the_first_layer(impl, built):
+    """Every layer of a forward gets the same Segments, already holding what its kernel reads (both block masks
+    for flex, the SDPA packing for cpu, nothing for eager): nothing is built inside a (compiled) block."""
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", vocab_size=VOCAB, num_hidden_layers=4),
+                        options=ModelOptions(attention=impl)).eval()
+    seen = []
+    hooks = [block.self_attn.register_forward_pre_hook(
+        lambda mod, args: seen.append((args[5], set(args[5]._block_masks), args[5]._packing is not None)))
+        for block in model.layers]
+    with torch.no_grad():
+        model(story_tokens(seed=1), eot_id=EOT)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 4 and all(s[0] is seen[0][0] for s in seen)
+    for _, masks, packed in seen:
+        assert masks == (built if isinstance(built, set) else set())
+        assert packed == (built == "packing")
+
+
 def model_and_ids(preset: str, impl: str = "cpu"):
     torch.manual_seed(0)
     model = build_model(get_config(preset, vocab_size=VOCAB), options=ModelOptions(attention=impl)).eval()

@@ -17,7 +17,7 @@ document block mask. BENCHMARKS 6 measures what that costs.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +41,10 @@ class Segments:
     A story starts AT each <|endoftext|> token (sampling feeds `[EOT] + prompt`, EOT at position 0), and the
     tokens before a window's first EOT are a story of their own (the window started mid-story). Query t sees
     key s iff `doc_ids[t] == doc_ids[s]` and s <= t (and t - s < W on sliding layers); its rotary position is
-    t minus the index of its story's first token. The SDPA packing and the FlexAttention block masks are built
-    on first use and cached here, so the layers of one forward share them.
+    t minus the index of its story's first token. The SDPA packing and the FlexAttention block masks are cached
+    here; a model builds what its kernel reads before the first layer (`prepare_segments`), so every layer of a
+    forward finds the same state: a compiled block guards on it, and a cache filled by the first layers would
+    compile the block again for the later ones.
     """
 
     doc_ids: torch.Tensor  # (B, T) long: story number within the row, nondecreasing
@@ -84,12 +86,30 @@ class Segments:
         return self._packing
 
     def block_mask(self, window: int | None):  # noqa: ANN201 (BlockMask)
-        """The FlexAttention document mask (B, 1, T, T) for one layer kind, shared by its layers."""
+        """The FlexAttention story mask (B, 1, T, T) for one layer kind, shared by its layers."""
         if window not in self._block_masks:
-            self._block_masks[window] = _flex_mask(window, self.doc_ids.shape[1], self.doc_ids.device, self.doc_ids)
+            self._block_masks[window] = _flex_mask(window, self.doc_ids.shape[1], self.doc_ids.device, self.doc_ids,
+                                                   compiled=self.doc_ids.is_cuda)
         return self._block_masks[window]
 
 
+def uses_flex(kernel: str, device: torch.device) -> bool:
+    """Whether ATTENTION_KERNELS[kernel] runs FlexAttention on `device`."""
+    return kernel == "flex" or (kernel == "auto" and device.type == "cuda")
+
+
+def prepare_segments(segments: Segments, kernel: str, windows: Iterable[int | None]) -> Segments:
+    """Build what ATTENTION_KERNELS[kernel] reads from `segments` for the layer kinds `windows` (sliding W, full
+    None), once per forward before the first layer: FlexAttention's block masks, or the SDPA packing."""
+    if uses_flex(kernel, segments.doc_ids.device):
+        for window in windows:
+            segments.block_mask(window)
+    elif kernel in ("cpu", "auto"):
+        segments.packing()
+    return segments
+
+
+@torch.compiler.disable  # its groups are data-dependent: traced, each batch's story lengths would compile anew
 def per_story_attention(attn_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Run a causal kernel `attn_fn(q, k, v)` on each story alone, the stories of one length group batched:
@@ -189,9 +209,12 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torc
     return sink_sdpa_attention(q, k, v, sinks, scale, segments)
 
 
-def _flex_mask(window: int | None, T: int, device: torch.device, doc_ids: torch.Tensor | None = None):  # noqa: ANN202
+def _flex_mask(window: int | None, T: int, device: torch.device, doc_ids: torch.Tensor | None = None,
+               compiled: bool = False):  # noqa: ANN202
     """FlexAttention block mask: causal, inside the window ('<': W keys, not W + 1), and with `doc_ids` (B, T)
-    in the same story per row (key blocks sharing no story with a query block are skipped)."""
+    in the same story per row (key blocks sharing no story with a query block are skipped). `compiled`: created
+    through torch.compile (story masks on CUDA, new each batch), as eager creation evaluates the mask function
+    on all B x T x T pairs one tensor op at a time."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
@@ -200,7 +223,8 @@ def _flex_mask(window: int | None, T: int, device: torch.device, doc_ids: torch.
             ok = ok & (q_idx - kv_idx < window)
         return ok if doc_ids is None else ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-    return create_block_mask(mask, None if doc_ids is None else doc_ids.shape[0], None, T, T, device=device)
+    return create_block_mask(mask, None if doc_ids is None else doc_ids.shape[0], None, T, T, device=device,
+                             _compile=compiled)
 
 
 _cached_flex_mask = functools.lru_cache(maxsize=16)(_flex_mask)

@@ -201,7 +201,7 @@ def test_token_ids_outside_the_vocabulary(capsys, monkeypatch, data, tmp_path):
     assert f"{train} has sha256" in line  # the digest fails first; with a matching digest, the id scan:
     edit_meta(data, "train", sha256=hashlib.sha256(train.read_bytes()).hexdigest())
     line = call_main(capsys, monkeypatch, data, tmp_path / "c", verify_data=True)
-    assert f"{train} holds token id 9999, outside the vocabulary of 512" in line
+    assert f"{train}: token id 9999 at position 0 is outside the vocabulary of 512" in line
     # and without it, the first batch that holds one stops training: no garbage step, no crash in the embedding
     line = error_line(launch(TRAIN, *train_flags(data, tmp_path / "run")))
     assert f"{train}: token id 9999 at position " in line and "outside the vocabulary of 512" in line

@@ -22,7 +22,7 @@ exactly those of its export in transformers (greedy ties resolve to the lowest i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,39 +147,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-@torch.no_grad()
-def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) for `max_new_tokens` steps; prompts (B, T) of equal length;
-    row i draws with seed + i.
-
-    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
-    """
-    if prompts.dim() != 2 or prompts.shape[1] == 0:
-        raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
-    param = next(model.parameters())
-    seq = prompts.to(param.device)
-    generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(seq.shape[0])]
-    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
-    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, param.dtype, param.device) \
-        if cached else None
-    start, step_input = 0, seq
-    limit = getattr(model.config, "max_position_embeddings", None)
-    for _ in range(max_new_tokens):
-        if cached:
-            logits = model(step_input, caches=caches, start_pos=start).logits[:, -1]
-            start += step_input.shape[1]
-        else:
-            context = seq[:, -limit:] if model.config.arch == "gpt2" and limit else seq
-            logits = model(context).logits[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generators)
-        yield nxt
-        step_input = nxt[:, None]
-        if not cached:
-            seq = torch.cat([seq, step_input], dim=1)
-
-
 def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_ids: Sequence[int] = (),
@@ -195,24 +162,42 @@ def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new
     return out[0]
 
 
+@torch.no_grad()
 def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    stop_ids: Sequence[int] = (), use_cache: bool = True,
                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New ids per row for equal-length prompts (B, T), row i what `generate` gives with seed + i. A row ends
     at its first stop id (kept) and emits nothing after it; decoding ends when every row has.
-    `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled."""
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    rows: list[list[int]] = [[] for _ in range(prompts.shape[0])]
-    done = [False] * prompts.shape[0]
-    for nxt in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, use_cache=use_cache):
-        tokens = nxt.cpu()
-        stopped = torch.isin(tokens, stops).tolist()
-        for i, t in enumerate(tokens.tolist()):
+    `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled.
+
+    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
+    """
+    if prompts.dim() != 2 or prompts.shape[1] == 0:
+        raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
+    param = next(model.parameters())
+    seq, batch = prompts.to(param.device), prompts.shape[0]
+    generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
+    caches = model.new_caches(batch, seq.shape[1] + max_new_tokens, param.dtype, param.device) if cached else None
+    limit = getattr(model.config, "max_position_embeddings", None)
+    crop = -limit if model.config.arch == "gpt2" and limit else 0
+    stops = set(stop_ids)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    fed = 0  # tokens of seq already in the caches
+    for _ in range(max_new_tokens):
+        if cached:
+            logits = model(seq[:, fed:], caches=caches, start_pos=fed).logits[:, -1]
+            fed = seq.shape[1]
+        else:
+            logits = model(seq[:, crop:]).logits[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generators)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 rows[i].append(t)
-                done[i] = stopped[i]
+                done[i] = t in stops
                 if on_token is not None:
                     on_token(i, t)
         if all(done):
@@ -286,8 +271,6 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
     Every prompt is preceded by <|endoftext|>, as each story follows one in the training stream; sample i
     uses seed + i, so any one sample can be reproduced alone. A story stops at its <|endoftext|>.
     """
-    import sys
-
     from gptoss.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
     checks = [(max_new_tokens >= 1, "max_new_tokens must be >= 1"), (temperature >= 0, "temperature must be >= 0"),
@@ -298,10 +281,7 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
         if not ok:
             raise SampleError(msg)
 
-    if write is None:
-        def write(s: str) -> None:
-            sys.stdout.write(s)
-            sys.stdout.flush()
+    write = write or (lambda s: print(s, end="", flush=True))
     model = model if model is not None else load_model(path, device, dtype)
     vocab = model.config.vocab_size
     if vocab < VOCAB_SIZE:

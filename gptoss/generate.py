@@ -208,47 +208,36 @@ def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int,
 # ---- text in, text out (the CLI) -------------------------------------------------------------------------
 
 class TextStreamer:
-    """Decodes token ids to text as they arrive. A token can end inside a UTF-8 character (o200k's byte
-    pieces), so bytes go through an incremental decoder that holds back an incomplete tail."""
+    """Token ids of rows generated together, decoded and written one row after another: the first unfinished
+    row as it comes, a later row's text held until every row before it has ended. A token can end inside a
+    UTF-8 character (o200k's byte pieces), so each row's bytes go through an incremental decoder that holds
+    back an incomplete tail."""
 
-    def __init__(self, write: Callable[[str], object], skip_ids: Sequence[int] = ()) -> None:
+    def __init__(self, write: Callable[[str], object], rows: int = 1, skip_ids: Sequence[int] = ()) -> None:
         import codecs
 
         from gptoss.tokenizer import get_encoding
 
-        self.enc = get_encoding()
-        self.write, self.skip = write, set(skip_ids)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def put(self, token_id: int) -> None:
-        if token_id in self.skip:
-            return
-        text = self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
-        if text:
-            self.write(text)
-
-    def end(self) -> None:
-        text = self.decoder.decode(b"", final=True)
-        if text:
-            self.write(text)
-
-
-class InRowOrder:
-    """Texts of rows generated together, written one after another: the first unfinished row as it comes,
-    a later row's text held until every row before it has ended."""
-
-    def __init__(self, write: Callable[[str], object], rows: int) -> None:
-        self.write, self.current = write, 0
+        self.enc, self.write, self.skip = get_encoding(), write, set(skip_ids)
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
         self.held: list[list[str]] = [[] for _ in range(rows)]
         self.ended = [False] * rows
+        self.current = 0  # the row being written
 
-    def put(self, row: int, text: str) -> None:
-        self.held[row].append(text)
-        self._flush()
+    def put_text(self, row: int, text: str) -> None:
+        if text:
+            self.held[row].append(text)
+            self._flush()
 
-    def end(self, row: int) -> None:
-        self.ended[row] = True
-        self._flush()
+    def put(self, token_id: int, row: int = 0) -> None:
+        if token_id not in self.skip:
+            self.put_text(row, self.decoders[row].decode(self.enc.decode_single_token_bytes(token_id)))
+
+    def end(self, row: int = 0) -> None:
+        if not self.ended[row]:
+            self.put_text(row, self.decoders[row].decode(b"", final=True))
+            self.ended[row] = True
+            self._flush()
 
     def _flush(self) -> None:
         while self.current < len(self.held):
@@ -288,24 +277,18 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
         raise SampleError(f"{path}: the model's vocab_size is {vocab}, smaller than o200k_harmony's {VOCAB_SIZE}; "
                          "it cannot use the tokenizer (sample token ids with gptoss.generate.generate instead)")
     ids = torch.tensor([EOT_ID, *encode(prompt)]).repeat(num_samples, 1)
-    out = InRowOrder(write, num_samples)
-    streamers = [TextStreamer(lambda s, row=row: out.put(row, s), skip_ids=[EOT_ID]) for row in range(num_samples)]
+    out = TextStreamer(write, num_samples, skip_ids=[EOT_ID])
     for row in range(num_samples):
-        out.put(row, ("\n\n---\n\n" if row else "") + prompt)
-
-    def end(row: int) -> None:
-        if not out.ended[row]:
-            streamers[row].end()
-            out.end(row)
+        out.put_text(row, ("\n\n---\n\n" if row else "") + prompt)
 
     def on_token(row: int, t: int) -> None:
-        streamers[row].put(t)
+        out.put(t, row)
         if t == EOT_ID:
-            end(row)
+            out.end(row)
 
     new = generate_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          stop_ids=[EOT_ID], on_token=on_token)
     for row in range(num_samples):  # the rows that reached max_new_tokens
-        end(row)
+        out.end(row)
     write("\n")
     return [prompt + decode([t for t in row if t != EOT_ID]) for row in new]

@@ -94,8 +94,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     from gptoss.export import CONFIG_NAME, HF_CONFIG_NAME, read_export
 
     path = Path(path)
-    is_export = (path / CONFIG_NAME).is_file() or (path / HF_CONFIG_NAME).is_file()
-    if is_export:
+    if (path / CONFIG_NAME).is_file() or (path / HF_CONFIG_NAME).is_file():
         cfg, state = read_export(path)
     else:
         cfg, state = load_state_dict(path, tag=tag, master_weights=master_weights)

@@ -145,10 +145,10 @@ def prepare_dataset(
         raise DataError("pass either a source or synthetic=N stories, not both")
     if synthetic is not None and synthetic < 1:
         raise DataError(f"synthetic must be >= 1 stories, got {synthetic}")
-    source = os.fspath(source) if source is not None else None
     if synthetic is not None:
         files, description = None, f"gptoss synthetic stories (n={synthetic}, seed={seed})"
     else:
+        source = os.fspath(source or DEFAULT_SOURCE)
         files, description = resolve_source(source)
     settings = {"source": description, "text_column": text_column, "val_fraction": val_fraction,
                 "seed": seed, "train_split": train_split, "val_split": val_split, "tokenizer": ENCODING_NAME}
@@ -168,7 +168,7 @@ def prepare_dataset(
         splits, extra["synthetic"] = _synthetic_splits(synthetic, seed)
         text_column, val_from = "text", "synthetic stories drawn after the training ones"
     else:
-        splits = load_files(files, text_column) if files else load_hub(source or DEFAULT_SOURCE, train_split, val_split)
+        splits = load_files(files, text_column) if files else load_hub(source, train_split, val_split)
         val_from = "source validation split"
     check_columns(splits, text_column, description)
     if "val" not in splits:

@@ -154,11 +154,9 @@ def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new
 
     `on_token` is called with each new id as soon as it is sampled (for streaming output).
     """
-    prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids)
-    out = generate_batch(model, prompt.reshape(1, -1), max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_ids=stop_ids, use_cache=use_cache,
-                         on_token=(lambda _row, t: on_token(t)) if on_token else None)
-    return out[0]
+    return generate_batch(model, torch.as_tensor(prompt_ids).reshape(1, -1), max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
+                          use_cache=use_cache, on_token=(lambda _row, t: on_token(t)) if on_token else None)[0]
 
 
 @torch.no_grad()

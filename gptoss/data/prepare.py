@@ -94,8 +94,7 @@ def _write_split(ds: Any, path: Path, split: str) -> tuple[dict[str, Any], np.nd
 
 
 def _synthetic_splits(n: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """n training stories and max(1, n // 10) validation stories from gptoss's own grammar (one seeded draw),
-    and what meta.json records of them: the exact entropy of each split, the floor of its bits per byte."""
+    """The splits of `prepare_dataset(synthetic=n)` (one seeded draw) and meta.json's record of their entropy."""
     import datasets
 
     n_val = max(1, n // 10)

@@ -22,7 +22,7 @@ exactly those of its export in transformers (greedy ties resolve to the lowest i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,8 +94,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     from gptoss.export import CONFIG_NAME, HF_CONFIG_NAME, read_export
 
     path = Path(path)
-    is_export = (path / CONFIG_NAME).is_file() or (path / HF_CONFIG_NAME).is_file()
-    if is_export:
+    if (path / CONFIG_NAME).is_file() or (path / HF_CONFIG_NAME).is_file():
         cfg, state = read_export(path)
     else:
         cfg, state = load_state_dict(path, tag=tag, master_weights=master_weights)
@@ -147,39 +146,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-@torch.no_grad()
-def stream(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) for `max_new_tokens` steps; prompts (B, T) of equal length;
-    row i draws with seed + i.
-
-    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
-    """
-    if prompts.dim() != 2 or prompts.shape[1] == 0:
-        raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
-    param = next(model.parameters())
-    seq = prompts.to(param.device)
-    generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(seq.shape[0])]
-    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
-    caches = model.new_caches(seq.shape[0], seq.shape[1] + max_new_tokens, param.dtype, param.device) \
-        if cached else None
-    start, step_input = 0, seq
-    limit = getattr(model.config, "max_position_embeddings", None)
-    for _ in range(max_new_tokens):
-        if cached:
-            logits = model(step_input, caches=caches, start_pos=start).logits[:, -1]
-            start += step_input.shape[1]
-        else:
-            context = seq[:, -limit:] if model.config.arch == "gpt2" and limit else seq
-            logits = model(context).logits[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generators)
-        yield nxt
-        step_input = nxt[:, None]
-        if not cached:
-            seq = torch.cat([seq, step_input], dim=1)
-
-
 def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_ids: Sequence[int] = (),
@@ -188,31 +154,47 @@ def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new
 
     `on_token` is called with each new id as soon as it is sampled (for streaming output).
     """
-    prompt = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids)
-    out = generate_batch(model, prompt.reshape(1, -1), max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_ids=stop_ids, use_cache=use_cache,
-                         on_token=(lambda _row, t: on_token(t)) if on_token else None)
-    return out[0]
+    return generate_batch(model, torch.as_tensor(prompt_ids).reshape(1, -1), max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
+                          use_cache=use_cache, on_token=(lambda _row, t: on_token(t)) if on_token else None)[0]
 
 
+@torch.no_grad()
 def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    stop_ids: Sequence[int] = (), use_cache: bool = True,
                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New ids per row for equal-length prompts (B, T), row i what `generate` gives with seed + i. A row ends
     at its first stop id (kept) and emits nothing after it; decoding ends when every row has.
-    `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled."""
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    rows: list[list[int]] = [[] for _ in range(prompts.shape[0])]
-    done = [False] * prompts.shape[0]
-    for nxt in stream(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, use_cache=use_cache):
-        tokens = nxt.cpu()
-        stopped = torch.isin(tokens, stops).tolist()
-        for i, t in enumerate(tokens.tolist()):
+    `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled.
+
+    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
+    """
+    if prompts.dim() != 2 or prompts.shape[1] == 0:
+        raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
+    param = next(model.parameters())
+    seq, batch = prompts.to(param.device), prompts.shape[0]
+    generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
+    caches = model.new_caches(batch, seq.shape[1] + max_new_tokens, param.dtype, param.device) if cached else None
+    limit = getattr(model.config, "max_position_embeddings", None)
+    crop = -limit if model.config.arch == "gpt2" and limit else 0
+    stops = set(stop_ids)
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    fed = 0  # tokens of seq already in the caches
+    for _ in range(max_new_tokens):
+        if cached:
+            logits = model(seq[:, fed:], caches=caches, start_pos=fed).logits[:, -1]
+            fed = seq.shape[1]
+        else:
+            logits = model(seq[:, crop:]).logits[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generators)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 rows[i].append(t)
-                done[i] = stopped[i]
+                done[i] = t in stops
                 if on_token is not None:
                     on_token(i, t)
         if all(done):
@@ -223,47 +205,36 @@ def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int,
 # ---- text in, text out (the CLI) -------------------------------------------------------------------------
 
 class TextStreamer:
-    """Decodes token ids to text as they arrive. A token can end inside a UTF-8 character (o200k's byte
-    pieces), so bytes go through an incremental decoder that holds back an incomplete tail."""
+    """Token ids of rows generated together, decoded and written one row after another: the first unfinished
+    row as it comes, a later row's text held until every row before it has ended. A token can end inside a
+    UTF-8 character (o200k's byte pieces), so each row's bytes go through an incremental decoder that holds
+    back an incomplete tail."""
 
-    def __init__(self, write: Callable[[str], object], skip_ids: Sequence[int] = ()) -> None:
+    def __init__(self, write: Callable[[str], object], rows: int = 1, skip_ids: Sequence[int] = ()) -> None:
         import codecs
 
         from gptoss.tokenizer import get_encoding
 
-        self.enc = get_encoding()
-        self.write, self.skip = write, set(skip_ids)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def put(self, token_id: int) -> None:
-        if token_id in self.skip:
-            return
-        text = self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
-        if text:
-            self.write(text)
-
-    def end(self) -> None:
-        text = self.decoder.decode(b"", final=True)
-        if text:
-            self.write(text)
-
-
-class InRowOrder:
-    """Texts of rows generated together, written one after another: the first unfinished row as it comes,
-    a later row's text held until every row before it has ended."""
-
-    def __init__(self, write: Callable[[str], object], rows: int) -> None:
-        self.write, self.current = write, 0
+        self.enc, self.write, self.skip = get_encoding(), write, set(skip_ids)
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
         self.held: list[list[str]] = [[] for _ in range(rows)]
         self.ended = [False] * rows
+        self.current = 0  # the row being written
 
-    def put(self, row: int, text: str) -> None:
-        self.held[row].append(text)
-        self._flush()
+    def put_text(self, row: int, text: str) -> None:
+        if text:
+            self.held[row].append(text)
+            self._flush()
 
-    def end(self, row: int) -> None:
-        self.ended[row] = True
-        self._flush()
+    def put(self, token_id: int, row: int = 0) -> None:
+        if token_id not in self.skip:
+            self.put_text(row, self.decoders[row].decode(self.enc.decode_single_token_bytes(token_id)))
+
+    def end(self, row: int = 0) -> None:
+        if not self.ended[row]:
+            self.put_text(row, self.decoders[row].decode(b"", final=True))
+            self.ended[row] = True
+            self._flush()
 
     def _flush(self) -> None:
         while self.current < len(self.held):
@@ -286,8 +257,6 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
     Every prompt is preceded by <|endoftext|>, as each story follows one in the training stream; sample i
     uses seed + i, so any one sample can be reproduced alone. A story stops at its <|endoftext|>.
     """
-    import sys
-
     from gptoss.tokenizer import EOT_ID, VOCAB_SIZE, decode, encode
 
     checks = [(max_new_tokens >= 1, "max_new_tokens must be >= 1"), (temperature >= 0, "temperature must be >= 0"),
@@ -298,34 +267,25 @@ def sample_text(path: str | os.PathLike, prompt: str = "", *, max_new_tokens: in
         if not ok:
             raise SampleError(msg)
 
-    if write is None:
-        def write(s: str) -> None:
-            sys.stdout.write(s)
-            sys.stdout.flush()
+    write = write or (lambda s: print(s, end="", flush=True))
     model = model if model is not None else load_model(path, device, dtype)
     vocab = model.config.vocab_size
     if vocab < VOCAB_SIZE:
         raise SampleError(f"{path}: the model's vocab_size is {vocab}, smaller than o200k_harmony's {VOCAB_SIZE}; "
                          "it cannot use the tokenizer (sample token ids with gptoss.generate.generate instead)")
     ids = torch.tensor([EOT_ID, *encode(prompt)]).repeat(num_samples, 1)
-    out = InRowOrder(write, num_samples)
-    streamers = [TextStreamer(lambda s, row=row: out.put(row, s), skip_ids=[EOT_ID]) for row in range(num_samples)]
+    out = TextStreamer(write, num_samples, skip_ids=[EOT_ID])
     for row in range(num_samples):
-        out.put(row, ("\n\n---\n\n" if row else "") + prompt)
-
-    def end(row: int) -> None:
-        if not out.ended[row]:
-            streamers[row].end()
-            out.end(row)
+        out.put_text(row, ("\n\n---\n\n" if row else "") + prompt)
 
     def on_token(row: int, t: int) -> None:
-        streamers[row].put(t)
+        out.put(t, row)
         if t == EOT_ID:
-            end(row)
+            out.end(row)
 
     new = generate_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                          stop_ids=[EOT_ID], on_token=on_token)
     for row in range(num_samples):  # the rows that reached max_new_tokens
-        end(row)
+        out.end(row)
     write("\n")
     return [prompt + decode([t for t in row if t != EOT_ID]) for row in new]

@@ -70,9 +70,8 @@ def _resolve_files(source: str) -> list[Path]:
     return [f.resolve() for f in files]
 
 
-def resolve_source(source: str | None) -> tuple[dict[str, list[Path]] | None, str]:
+def resolve_source(source: str) -> tuple[dict[str, list[Path]] | None, str]:
     """(files per split, or None for a hub dataset; a description for meta.json and logs). Reads nothing."""
-    source = source or DEFAULT_SOURCE
     if not _is_local(source):
         return None, f"hub:{source}"
     files = _split_files(_resolve_files(source))

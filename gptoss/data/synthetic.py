@@ -1,7 +1,7 @@
 """Synthetic children's stories from a probabilistic grammar of our own, with each story's exact probability.
 
-Owns the story grammar (`tell_story`), its sampler (`generate_story`, `generate_corpus`), the corpus's entropy
-floor (`entropy_bits_per_byte`) and the TinyStories .txt writer (`write_stories`). It exists so that tests and the
+Owns the story grammar (`tell_story`), its sampler (`generate_corpus`) and the corpus's entropy
+floor (`entropy_bits_per_byte`). It exists so that tests and the
 quickstart learn from text we may ship (no copy or slice of TinyStories), and so that learning is judged against a
 known floor: a model that knew this grammar would pay exactly `Story.bits` for a story and the `<|endoftext|>`
 closing it (0 bytes in the trainer's bpb), so sum(bits) / sum(UTF-8 bytes) is the bpb no model beats in
@@ -32,10 +32,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
-
-from gptoss.data.sources import DOC_SEPARATOR
 
 T = TypeVar("T")
 Weights = Sequence[int] | None
@@ -85,32 +82,21 @@ class Choices:
         return i
 
 
-def generate_story(rng: random.Random) -> Story:
-    """One story drawn with `rng` (a `random.Random` the caller seeded), with its exact bits."""
-    c = Choices(rng)
-    tell_story(c)
-    return Story("".join(c.parts), c.bits)
-
-
 def generate_corpus(n: int, seed: int) -> list[Story]:
-    """`n` independent stories; the same seed gives byte-identical stories everywhere."""
+    """`n` independent stories with their exact bits; the same seed gives byte-identical stories everywhere."""
     rng = random.Random(seed)
-    return [generate_story(rng) for _ in range(n)]
+    stories = []
+    for _ in range(n):
+        c = Choices(rng)
+        tell_story(c)
+        stories.append(Story("".join(c.parts), c.bits))
+    return stories
 
 
 def entropy_bits_per_byte(stories: Iterable[Story]) -> float:
     """The floor of the trainer's bpb on these stories: their bits over their UTF-8 bytes (separators: 0 bytes)."""
     stories = list(stories)
     return sum(s.bits for s in stories) / sum(len(s.text.encode()) for s in stories)
-
-
-def write_stories(stories: Iterable[Story], path: str | Path) -> None:
-    """TinyStories .txt: stories separated by lines holding exactly `<|endoftext|>`."""
-    texts = [s.text for s in stories]
-    for t in texts:
-        if t != t.strip() or DOC_SEPARATOR in t:  # the reader strips stories and splits on separator lines
-            raise ValueError(f"story cannot round-trip through the .txt format: {t[:60]!r}")
-    Path(path).write_text("".join(f"{t}\n{DOC_SEPARATOR}\n" for t in texts), encoding="utf-8")
 
 
 # ---- the grammar: words ('|' separates alternatives) -----------------------------------------------------------

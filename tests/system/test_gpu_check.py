@@ -9,7 +9,8 @@ import sys
 import pytest
 from conftest import REPO, cpu_env
 
-from gptoss.data.synthetic import generate_corpus, write_stories
+from gptoss.data.sources import DOC_SEPARATOR
+from gptoss.data.synthetic import generate_corpus
 
 ROWS = [  # (start of the check column, what its result must start with; None: any value)
     ("environment", None), ("DeepSpeed", None),
@@ -37,8 +38,8 @@ def test_dry_run_has_every_row(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     stories = generate_corpus(80, seed=3)
-    write_stories(stories[:60], data / "train.txt")
-    write_stories(stories[60:], data / "valid.txt")
+    for name, part in (("train.txt", stories[:60]), ("valid.txt", stories[60:])):  # TinyStories .txt
+        (data / name).write_text("".join(f"{s.text}\n{DOC_SEPARATOR}\n" for s in part), encoding="utf-8")
     blocked = tmp_path / "blocked"  # the GPU machine has neither: an import of them fails the run
     for name in ("datasets", "pyarrow"):
         (blocked / name).mkdir(parents=True)

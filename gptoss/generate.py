@@ -182,15 +182,17 @@ def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int,
     stops = set(stop_ids)
     rows: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    fed = 0  # tokens of seq already in the caches
+    step, fed = seq, 0  # with caches: the tokens not yet in them, and how many are
     for _ in range(max_new_tokens):
         if cached:
-            logits = model(seq[:, fed:], caches=caches, start_pos=fed).logits[:, -1]
-            fed = seq.shape[1]
+            logits = model(step, caches=caches, start_pos=fed).logits[:, -1]
+            fed += step.shape[1]
         else:
             logits = model(seq[:, crop:]).logits[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generators)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        step = nxt[:, None]
+        if not cached:  # only the recompute path re-reads the whole sequence
+            seq = torch.cat([seq, step], dim=1)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 rows[i].append(t)

@@ -19,6 +19,17 @@ MAX_REQUEUES=${MAX_REQUEUES:-20}
 # 30): give a rank time to finish its checkpoint, so that Slurm's own KillWait/GraceTime is the limit.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 
+# A requeued attempt runs with its submission's environment, but the job may have been resized while it was held
+# (scontrol update JobId=J NumTasks=N TasksPerNode=M, e.g. after losing GPUs): take its current task counts, so
+# srun starts that many ranks and train.py resumes the checkpoint at the new world size.
+if ((${SLURM_RESTART_COUNT:-0} > 0)) && [[ -n "${SLURM_JOB_ID:-}" ]]; then
+  job_record=$(scontrol show job --oneliner "$SLURM_JOB_ID" 2>/dev/null || true)
+  if [[ $job_record =~ NumTasks=([0-9]+) ]]; then
+    export SLURM_NTASKS=${BASH_REMATCH[1]} SLURM_NPROCS=${BASH_REMATCH[1]}
+  fi
+  if [[ $job_record =~ NtasksPerN:B:S:C=([1-9][0-9]*): ]]; then export SLURM_NTASKS_PER_NODE=${BASH_REMATCH[1]}; fi
+fi
+
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 detect_gpus() {
   if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then echo "$SLURM_GPUS_ON_NODE"

@@ -169,76 +169,117 @@ def n_files_to_read(ckpt: Checkpoint, master_weights: bool) -> int:
     return 1 + (ckpt.config.num_hidden_layers * ckpt.config.num_local_experts if ckpt.config.is_moe else 0)
 
 
-# ---- fp32 master weights from the ZeRO-1/2 optimizer partitions ------------------------------------------
+# ---- the ZeRO-1/2 optimizer partitions: fp32 master weights and Adam moments --------------------------------
 
 def _optim_files(tag_dir: Path) -> dict[int, Path]:
     """{rank: its ZeRO optimizer partition file} of a tag."""
     return {int(m[1]): p for p in tag_dir.iterdir() if (m := OPTIM_FILE.match(p.name)) and m[2] == "00"}
 
 
+def global_expert_name(name: str, ep_rank: int, local_experts: int) -> str:
+    """An expert parameter's name with its local id (as a ZeRO optimizer lists it) -> the global-id name."""
+    m = EXPERT_KEY.match(name)
+    return expert_key(int(m[1]), ep_rank * local_experts + int(m[2]), m[3]) if m else name
+
+
+FP32 = "fp32"  # the master weights' key among the optimizer state keys ("exp_avg", "exp_avg_sq", ...)
+
+
+class OptimizerPartitions:
+    """Every rank's flat ZeRO-1/2 optimizer partitions of a tag, indexed by parameter (our names, global expert
+    ids), so any parameter's fp32 master weights or optimizer state comes back whole, at any new layout.
+
+    Each `[bf16_]zero_pp_rank_{r}` file holds, per parameter group, rank r's slice of the group's flat fp32
+    buffer (`single_partition_of_fp32_groups`), the base optimizer's state for that slice (`exp_avg`, ... of the
+    same length) and `param_slice_mappings` (name -> start, numel of the part of each parameter in that slice).
+    Non-expert groups are partitioned over all ranks (partition id = r); MoE groups (`moe: True`) over the
+    expert-data-parallel group: with DeepSpeed's default layout rank r is expert-parallel rank r % ep and
+    expert-data-parallel rank r // ep, and its expert names carry LOCAL ids. Concatenating a parameter's parts in
+    partition order gives it whole. Files are memory-mapped: a parameter's bytes are read when it is asked for.
+    """
+
+    def __init__(self, ckpt: Checkpoint, tick: Callable[[], object] = lambda: None) -> None:
+        tag_dir = ckpt.tag_dir
+        files = _optim_files(tag_dir)
+        if not files:
+            raise CheckpointError(f"{tag_dir}: no ZeRO-1/2 optimizer states "
+                                  "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt) in this checkpoint")
+        world = max(files) + 1
+        missing = sorted(set(range(world)) - set(files))
+        expected_world = ckpt.states.get("dp_world_size", world)
+        if missing or len(files) != expected_world:
+            absent = missing or list(range(len(files), expected_world))
+            raise CheckpointError(f"{tag_dir}: optimizer state files of rank(s) {absent} missing "
+                                  f"(dp_world_size {expected_world}, found {len(files)})")
+        self.ckpt, self.world, self.ranks = ckpt, world, []
+        self.expected = expected_shapes(ckpt.config)
+        # name -> [(partition order, rank, group, start, numel)]
+        self.index: dict[str, list[tuple[int, int, int, int, int]]] = {}
+        needed = ("single_partition_of_fp32_groups", "param_slice_mappings", "partition_count", "base_optimizer_state")
+        for r in range(world):
+            osd = _load(files[r]).get("optimizer_state_dict", {})
+            if not all(k in osd for k in needed):
+                raise CheckpointError(f"{files[r]}: not a ZeRO-1/2 optimizer state (needs {list(needed)})")
+            self.ranks.append(osd)
+            groups = osd["base_optimizer_state"]["param_groups"]
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                order, ep = r, 1
+                if groups[g].get("moe", False):
+                    ep = world // int(osd["partition_count"][g])
+                    order = r // ep
+                for name, frag in mapping.items():
+                    name = global_expert_name(name, r % ep, ckpt.config.num_local_experts // ep)
+                    self.index.setdefault(name, []).append((order, r, g, frag.start, frag.numel))
+            tick()
+        unknown = sorted(set(self.index) - set(self.expected))
+        if unknown:
+            raise CheckpointError(f"{tag_dir}: optimizer states hold {unknown[0]!r}, which the model of "
+                                  f"{ckpt.config_source} does not have: the config does not match the weights")
+
+    @property
+    def ep_size(self) -> int:
+        """The expert-parallel size the checkpoint was written with (1 for a dense model)."""
+        osd = self.ranks[0]
+        moe = [g for g, group in enumerate(osd["base_optimizer_state"]["param_groups"]) if group.get("moe", False)]
+        return self.world // int(osd["partition_count"][moe[0]]) if moe else 1
+
+    def _flat(self, rank: int, group: int, key: str) -> torch.Tensor:
+        osd = self.ranks[rank]
+        if key == FP32:
+            return osd["single_partition_of_fp32_groups"][group]
+        state = osd["base_optimizer_state"]["state"].get(group, {})
+        if key not in state:
+            raise CheckpointError(f"{_optim_files(self.ckpt.tag_dir)[rank]}: no optimizer state {key!r} for "
+                                  f"parameter group {group} (found {sorted(state)})")
+        return state[key]
+
+    def full(self, name: str, key: str = FP32) -> torch.Tensor:
+        """Parameter `name` (global id) whole, from every partition that holds part of it: fp32 master weights
+        (`FP32`) or an optimizer state tensor such as "exp_avg"."""
+        pieces = sorted(self.index.get(name, []))
+        if not pieces:
+            raise CheckpointError(f"{self.ckpt.tag_dir}: fp32 master weights of {name} not found in the optimizer "
+                                  "states (frozen parameters are not supported)")
+        flat = torch.cat([self._flat(r, g, key).narrow(0, start, numel) for _, r, g, start, numel in pieces])
+        shape = self.expected[name]
+        if flat.numel() != shape.numel():
+            raise CheckpointError(f"{self.ckpt.tag_dir}: optimizer partitions of {name} hold {flat.numel()} "
+                                  f"values, but {self.ckpt.config_source} expects shape {list(shape)}")
+        return flat.view(shape)
+
+
 def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], tick: Callable[[], object]
                     ) -> dict[str, torch.Tensor]:
-    """The fp32 master weights, reassembled from every rank's flat optimizer partitions.
-
-    Each `[bf16_]zero_pp_rank_{r}` file holds, per parameter group, rank r's slice of the group's flat
-    fp32 buffer and `param_slice_mappings` (name -> start, numel of the part of each parameter in that
-    slice). Non-expert groups are partitioned over all ranks (partition id = r); MoE groups (`moe: True`)
-    over the expert-data-parallel group: with DeepSpeed's default layout rank r is expert-parallel rank
-    r % ep and expert-data-parallel rank r // ep, and its expert names carry LOCAL ids, so global id =
-    (r % ep) * E_local + local. Concatenating a parameter's parts in partition order gives it whole.
-    """
-    cfg, tag_dir = ckpt.config, ckpt.tag_dir
-    files = _optim_files(tag_dir)
-    if not files:
-        raise CheckpointError(f"{tag_dir}: --fp32 needs the ZeRO-1/2 optimizer states "
-                              "([bf16_]zero_pp_rank_*_mp_rank_00_optim_states.pt); this checkpoint has none")
-    world = max(files) + 1
-    missing = sorted(set(range(world)) - set(files))
-    expected_world = ckpt.states.get("dp_world_size", world)
-    if missing or len(files) != expected_world:
-        absent = missing or list(range(len(files), expected_world))
-        raise CheckpointError(f"{tag_dir}: optimizer state files of rank(s) {absent} missing "
-                              f"(dp_world_size {expected_world}, found {len(files)})")
-    E_total = cfg.num_local_experts
-    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for r in range(world):
-        osd = _load(files[r]).get("optimizer_state_dict", {})
-        needed = ("single_partition_of_fp32_groups", "param_slice_mappings", "partition_count")
-        if not all(k in osd for k in needed):
-            raise CheckpointError(f"{files[r]}: not a ZeRO-1/2 optimizer state (needs {list(needed)})")
-        groups = osd["base_optimizer_state"]["param_groups"]
-        for g, (flat, mapping) in enumerate(zip(osd["single_partition_of_fp32_groups"],
-                                                osd["param_slice_mappings"])):
-            order = r
-            ep = 1
-            if groups[g].get("moe", False):
-                ep = world // int(osd["partition_count"][g])
-                order = r // ep
-            for name, frag in mapping.items():
-                m = EXPERT_KEY.match(name)
-                if m and ep > 1:
-                    name = expert_key(int(m[1]), (r % ep) * (E_total // ep) + int(m[2]), m[3])
-                piece = flat.narrow(0, frag.start, frag.numel).clone()
-                parts.setdefault(name, []).append((order, piece))
-        tick()
-    out: dict[str, torch.Tensor] = {}
-    for name, pieces in parts.items():
-        if name not in expected:
-            raise CheckpointError(f"{tag_dir}: optimizer states hold {name!r}, which the model of "
-                                  f"{ckpt.config_source} does not have: the config does not match the weights")
-        pieces.sort(key=lambda op: op[0])
-        flat = torch.cat([p for _, p in pieces])
-        if flat.numel() != expected[name].numel():
-            raise CheckpointError(f"{tag_dir}: optimizer partitions of {name} hold {flat.numel()} values, but "
-                                  f"{ckpt.config_source} expects shape {list(expected[name])}")
-        out[name] = flat.view(expected[name])
-    if cfg.tie_word_embeddings:  # one parameter, one optimizer entry: its other name is not listed
+    """The fp32 master weights, reassembled from every rank's flat optimizer partitions."""
+    parts = OptimizerPartitions(ckpt, tick)
+    out = {name: parts.full(name).clone() for name in parts.index}
+    if ckpt.config.tie_word_embeddings:  # one parameter, one optimizer entry: its other name is not listed
         for a, b in (("lm_head.weight", "wte.weight"), ("lm_head.weight", "embed_tokens.weight")):
             if a in expected and a not in out and b in out:
                 out[a] = out[b]
     absent = sorted(set(expected) - set(out))
     if absent:
-        raise CheckpointError(f"{tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
+        raise CheckpointError(f"{ckpt.tag_dir}: fp32 master weights of {absent[:3]}{' ...' if len(absent) > 3 else ''} "
                               "not found in the optimizer states (frozen parameters are not supported)")
     return out
 

@@ -1,7 +1,13 @@
 """Resuming: the decision (`decide_resume`, a value computed before any process group from the plan and the
 checkpoint on disk, with every check that needs no engine) and the restore of a running engine from it
 (`restore`: DeepSpeed's weights, optimizer and LR schedule, then this rank's sampler position and RNG streams,
-then the loop's counters, checked to agree with each other)."""
+then the loop's counters, checked to agree with each other).
+
+A checkpoint of another world size or --ep_size resumes too (`gptoss.train.reshard` rebuilds the optimizer
+partitions): the global batch, --seq_len and story-awareness must stay, since they set the data stream and the LR
+schedule. The data order is one global stream, so the sampler state is the same in every rank's file. Rank r takes
+the RNG streams of old rank r mod the old world size: nothing in training draws from them (no dropout; the data
+order is seeded by step), so they only need to be deterministic."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.data import BatchSampler
 from gptoss.errors import TrainError
 from gptoss.train.plan import Plan
+from gptoss.train.reshard import load_resharded_optimizer
 from gptoss.train.save import Progress, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ class Resume:
 
     tag: str
     repoint_latest: bool
+    saved_layout: tuple[int, int] | None = None  # (world size, ep size) when it differs from this run's
 
 
 def _resume_from_tag(a: Any, ckpt_dir: Path) -> str:
@@ -70,14 +78,17 @@ def decide_resume(plan: Plan) -> Resume | None:
                          for k in sorted(set(saved_cfg) | set(cfg)) if saved_cfg.get(k) != cfg.get(k))
         raise TrainError(f"--resume: checkpoint {tag} was trained with another model config ({diff}); "
                          f"use the same --model, or a new --out to start over")
-    layout = {"world_size": plan.world_size, "ep_size": plan.ep_size, "train_batch_size": plan.global_batch,
-              "seq_len": a.seq_len, "story_aware": plan.eot_id is not None}
+    layout = {"train_batch_size": plan.global_batch, "seq_len": a.seq_len, "story_aware": plan.eot_id is not None}
     changed = {k: (state[k], v) for k, v in layout.items() if state[k] != v}
     if changed:
         what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
         raise TrainError(f"--resume: checkpoint {tag} was written with another layout ({what}); resume with "
-                         "the same number of ranks, --ep_size, train_batch_size, --seq_len and "
-                         "--attend_across_stories (ZeRO optimizer shards and the data stream depend on them)")
+                         "the same train_batch_size, --seq_len and --attend_across_stories (they set the LR "
+                         "schedule and the data stream)")
+    saved = (state["world_size"], state["ep_size"])
+    if saved != (plan.world_size, plan.ep_size):
+        log.info("resharding %s: world %d ep %d -> world %d ep %d", tag, *saved, plan.world_size, plan.ep_size)
+        return Resume(tag, repoint_latest=a.resume_from is not None, saved_layout=saved)
     return Resume(tag, repoint_latest=a.resume_from is not None)
 
 
@@ -101,11 +112,18 @@ def _vocabulary(kept_ids: list[int] | None) -> str:
 def restore(engine: Any, plan: Plan, resume: Resume, sampler: BatchSampler) -> Progress:
     """Restore engine (weights, optimizer, LR schedule), sampler, RNG and counters from `resume.tag`."""
     tag = resume.tag
-    path, client = engine.load_checkpoint(str(plan.ckpt_dir), tag=tag)
+    # At another layout DeepSpeed loads the model (expert files are per global id), the LR schedule and its
+    # counters; the optimizer partitions are rebuilt for this layout from the saved ones.
+    path, client = engine.load_checkpoint(str(plan.ckpt_dir), tag=tag,
+                                          load_optimizer_states=resume.saved_layout is None)
     if path is None:
         raise TrainError(f"--resume: DeepSpeed could not load {plan.ckpt_dir / tag}")
-    mine = torch.load(rank_state_file(plan.ckpt_dir / tag, plan.rank), weights_only=False)  # pickled RNG states
-    sampler.load_state_dict(mine["sampler"])
+    rank = plan.rank
+    if resume.saved_layout is not None:
+        load_resharded_optimizer(engine, plan.ckpt_dir / tag, plan.cfg, plan.ep_size, plan.rank)
+        rank %= resume.saved_layout[0]  # rank r continues the RNG streams of old rank r mod the old world size
+    mine = torch.load(rank_state_file(plan.ckpt_dir / tag, rank), weights_only=False)  # pickled RNG states
+    sampler.load_state_dict(mine["sampler"])  # the global stream: the same state in every rank's file
     set_rng_state(mine["rng"])
     prog = Progress(**{f.name: client[f.name] for f in dataclasses.fields(Progress)})
     if engine.global_steps != prog.step or sampler.step != prog.step:

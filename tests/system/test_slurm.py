@@ -132,3 +132,41 @@ def test_time_limit_warning_saves_requeues_and_resumes(slurm: SlurmCluster, data
     state = assert_checkpoint(out, step=steps)
     assert state["reason"] == "final"
     assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))  # no step lost or repeated
+
+
+def test_requeue_with_fewer_tasks_resumes_resharded(slurm: SlurmCluster, data_dir: Path, tmp_path: Path) -> None:
+    """A job of two tasks is preempted (requeued: TERM, the ranks save), comes back with one task, and the run
+    goes on at world 1 from the world-2 checkpoint (gptoss.train.reshard), no step lost or repeated."""
+    out, log, steps = tmp_path / "run", tmp_path / "job.out", 12
+    job = submit(slurm, "slurm/train.sbatch", log, ["--nodes=1", "--ntasks-per-node=2"],
+                 [*TRAIN_ARGS, "--data", str(data_dir), "--out", str(out), "--max_steps", str(steps),
+                  "--save_every", "0", "--log_every", "1"],
+                 LAUNCHER="srun")
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not metrics(out):
+        info = slurm.job(job)
+        assert info is not None and not info.done, explain(slurm, job, log)
+        assert time.monotonic() < deadline, explain(slurm, job, log)
+        time.sleep(0.25)
+    slurm.run("scontrol", "requeuehold", str(job))  # what preemption with requeue does, held for the resize
+
+    def held() -> bool:
+        info = slurm.job(job)
+        return info is not None and info.state == "PENDING" and "held" in info.fields.get("Reason", "").lower()
+
+    while not held():
+        assert time.monotonic() < deadline, f"{slurm.job(job)}\n{explain(slurm, job, log)}"
+        time.sleep(0.5)
+    first = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+                        / "train_state.json").read_text())
+    assert (first["world_size"], first["reason"]) == (2, "signal"), first
+    slurm.run("scontrol", "update", f"JobId={job}", "NumTasks=1", "TasksPerNode=1")
+    slurm.run("scontrol", "release", str(job))
+
+    wait_ok(slurm, job, log)
+    text = log.read_text()
+    assert "(restart 1) on vm: srun, 1 node(s) x 1 rank(s) = world 1" in text.replace(slurm.node, "vm"), text
+    assert f"resharding step{first['step']:08d}: world 2 ep 1 -> world 1 ep 1" in text, explain(slurm, job, log)
+    last = json.loads((out / "checkpoints" / f"step{steps:08d}" / "train_state.json").read_text())
+    assert (last["world_size"], last["reason"], last["parent"]) == (1, "final", f"step{first['step']:08d}")
+    assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))

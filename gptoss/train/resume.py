@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def _vocabulary(kept_ids: list[int] | None) -> str:
 
 def restore(engine: Any, plan: Plan, resume: Resume, sampler: BatchSampler) -> Progress:
     """Restore engine (weights, optimizer, LR schedule), sampler, RNG and counters from `resume.tag`."""
-    tag = resume.tag
+    tag, started = resume.tag, time.perf_counter()
     # At another layout DeepSpeed loads the model (expert files are per global id), the LR schedule and its
     # counters; the optimizer partitions are rebuilt for this layout from the saved ones.
     path, client = engine.load_checkpoint(str(plan.ckpt_dir), tag=tag,
@@ -129,5 +130,6 @@ def restore(engine: Any, plan: Plan, resume: Resume, sampler: BatchSampler) -> P
     if engine.global_steps != prog.step or sampler.step != prog.step:
         raise TrainError(f"--resume: {tag} is inconsistent (engine step {engine.global_steps}, sampler step "
                          f"{sampler.step}, trainer step {prog.step})")
-    log.info("resumed from %s at step %d", plan.ckpt_dir / tag, prog.step)
+    log.info("resumed from %s at step %d (%s in %.2fs)", plan.ckpt_dir / tag, prog.step,
+             "resharded" if resume.saved_layout else "loaded", time.perf_counter() - started)
     return prog

@@ -57,8 +57,8 @@ class TrainArgs:
     compile: bool = _help("torch.compile each transformer block (inductor) before DeepSpeed starts; the loss head "
                           "stays eager. Off by default everywhere until a GPU check shows it pays (bench/"
                           "gpu_check.py measures tokens/s with and without it)", default=False)
-    resume: bool = _help("continue from <out>/checkpoints/latest (same model, world size and batch layout)",
-                         default=False)
+    resume: bool = _help("continue from <out>/checkpoints/latest (same model, global batch and --seq_len; any "
+                         "world size or --ep_size)", default=False)
     resume_from: str | None = _help("continue from this checkpoint tag of <out>/checkpoints (e.g. step00001000; "
                                     "same checks as --resume) instead of the one `latest` names, which then names "
                                     "it; newer checkpoints are replaced as the run reaches their steps, the others "

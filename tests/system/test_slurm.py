@@ -78,6 +78,18 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def wait_for_training(cluster: SlurmCluster, job: int, out: Path, log: Path) -> float:
+    """Until the job's first step is logged (signal early: on a fast CPU 12 steps take a few seconds); returns
+    the deadline of the job's whole life."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not metrics(out):
+        info = cluster.job(job)
+        assert info is not None and not info.done, explain(cluster, job, log)
+        assert time.monotonic() < deadline, explain(cluster, job, log)
+        time.sleep(0.25)
+    return deadline
+
+
 def assert_checkpoint(out: Path, step: int) -> dict:
     """`latest` names a complete checkpoint directory at `step`; returns its train_state.json."""
     ckpt = out / "checkpoints"
@@ -116,12 +128,7 @@ def test_time_limit_warning_saves_requeues_and_resumes(slurm: SlurmCluster, data
                   "--save_every", "0", "--log_every", "1"],
                  GPUS_PER_NODE="2")
     # Once training is under way, send what `--signal=B:USR1@120` sends 120 s before the time limit.
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not metrics(out):
-        info = slurm.job(job)
-        assert info is not None and not info.done, explain(slurm, job, log)
-        assert time.monotonic() < deadline, explain(slurm, job, log)
-        time.sleep(0.25)  # signal early: on a fast CPU the 12 steps take a few seconds
+    wait_for_training(slurm, job, out, log)
     slurm.run("scancel", "--batch", "--signal=USR1", str(job))
 
     info = wait_ok(slurm, job, log)
@@ -142,12 +149,7 @@ def test_requeue_with_fewer_tasks_resumes_resharded(slurm: SlurmCluster, data_di
                  [*TRAIN_ARGS, "--data", str(data_dir), "--out", str(out), "--max_steps", str(steps),
                   "--save_every", "0", "--log_every", "1"],
                  LAUNCHER="srun")
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not metrics(out):
-        info = slurm.job(job)
-        assert info is not None and not info.done, explain(slurm, job, log)
-        assert time.monotonic() < deadline, explain(slurm, job, log)
-        time.sleep(0.25)
+    deadline = wait_for_training(slurm, job, out, log)
     slurm.run("scontrol", "requeuehold", str(job))  # what preemption with requeue does, held for the resize
 
     def held() -> bool:

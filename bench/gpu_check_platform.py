@@ -194,8 +194,9 @@ def _loop_sync_cost(ck: Check, experts: Any, x: Any, counts: Any, layers: int) -
     t = common.interleaved_best({"device": lambda: stack(counts), "host": lambda: stack(host)},
                                 repeats=10 if cuda else 2)
     per_layer = (t["device"].best - t["host"].best) / layers
-    ck.add("expert loop: host sync per layer", f"{per_layer * 1e3:.3f} ms per layer "
-           f"({per_layer / (t['device'].best / layers):.0%} of a layer's forward + backward here)",
+    result = (f"{per_layer * 1e3:.3f} ms per layer ({per_layer / (t['device'].best / layers):.0%} of a layer's "
+              "forward + backward here)" if cuda else "n/a on CPU (no device queue to drain)")
+    ck.add("expert loop: host sync per layer", result,
            f"{layers} layers of (matmul, looped experts), forward + backward, {x.shape[0]:,} rows: counts on the "
            f"device {t['device'].best * 1e3:.2f} ms (counts.tolist() syncs once per layer), on the host "
            f"{t['host'].best * 1e3:.2f} ms (best of {len(t['host'].seconds)}); a micro-batch pays it once per MoE "

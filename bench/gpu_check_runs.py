@@ -70,7 +70,8 @@ def ds_config(ck: Check) -> Path:
     if ck.sizes.batch is not None:
         cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"] = ck.sizes.batch
     path = ck.work / "a40-check.json"
-    path.write_text(json.dumps(cfg, indent=2))
+    if not path.is_file():  # written once: runs that start together read it
+        path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
@@ -84,37 +85,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main_command(ck: Check, out: Path, *flags: str) -> list[str]:
+def main_command(ck: Check, out: Path, *flags: str, launcher: bool = True) -> list[str]:
     """The README's training command at the check's size: the `deepspeed` launcher (as python -m, so a DeepSpeed
     installed into a --target folder works too) with one rank, a40.json, --vocab data, story-aware attention
-    (the default), a checkpoint halfway and at the end."""
+    (the default), a checkpoint halfway and at the end. Without `launcher`: train.py alone, one process."""
     s = ck.sizes
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-            str(_free_port()), str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config(ck)), "--model",
-            s.model, "--vocab", "data", "--data", str(need(ck, "data", "data")), "--out", str(out), "--max_steps",
-            str(s.steps), "--seq_len", str(s.seq_len), "--log_every", "1", "--eval_every", str(s.steps),
-            "--eval_batches", "4", "--save_every", str(s.steps // 2), *flags]
+    start = ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_free_port())] if launcher \
+        else []
+    return [sys.executable, *start, str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config(ck)),
+            "--model", s.model, "--vocab", "data", "--data", str(need(ck, "data", "data")), "--out", str(out),
+            "--max_steps", str(s.steps), "--seq_len", str(s.seq_len), "--log_every", "1", "--eval_every",
+            str(s.steps), "--eval_batches", "4", "--save_every", str(s.steps // 2), *flags]
 
 
-def _records(out: Path) -> list[dict[str, Any]]:
+def _records(out: Path, complete: bool = True) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; `complete=False` while the run may be writing its last line (dropped)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not complete and lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
 
 
-def train(ck: Check, name: str, *flags: str, out: Path | None = None) -> dict[str, Any]:
+def train(ck: Check, name: str, *flags: str, out: Path | None = None, launcher: bool = True) -> dict[str, Any]:
     """The main command in a subprocess; time to its first new metrics record, then the records' numbers."""
     out = out or ck.work / f"run-{name}"
-    cmd = main_command(ck, out, *flags)
+    cmd = main_command(ck, out, *flags, launcher=launcher)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
     log = ck.work / f"train-{name}.log"
     limit = max(30.0, ck.left() - 30)
-    before = len(_records(out))
+    before = _records(out)  # a resumed run drops those past its checkpoint, then logs its steps anew
     t0, first = time.monotonic(), None
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         while proc.poll() is None:
-            if first is None and (out / "metrics.jsonl").is_file() and len(_records(out)) > before:
+            if first is None and any(r not in before for r in _records(out, complete=False)):
                 first = time.monotonic() - t0
             if time.monotonic() - t0 > limit:
                 os.killpg(proc.pid, 9)  # the launcher and its rank
@@ -149,6 +158,8 @@ def _data_rows(out: Path) -> str:
 def train_default(ck: Check) -> None:
     from gptoss.train.metrics import peak_flops
 
+    if ck.sizes.concurrent_variants:
+        ck.found["variants"] = start_variants(ck, len(VARIANTS))
     r = train(ck, "default")
     ck.found["run"], ck.found["tps"], ck.found["mem"] = r["out"], r["tps"], r["mem"]
     ck.found["records"] = r["records"]
@@ -194,12 +205,29 @@ def resume(ck: Check) -> None:
            f"resumed in {r['first_s']:.1f} s to its first record; pass: the same steps, each loss within 2%")
 
 
+VARIANTS = {"compile": "--compile", "ckpt": "--activation_checkpointing"}
+
+
+def start_variants(ck: Check, workers: int) -> dict[str, Any]:
+    """The variant runs (train.py alone: the launcher's seconds buy nothing there), as futures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds_config(ck)  # written before the runs read it
+    pool = ThreadPoolExecutor(workers)
+    runs = {k: pool.submit(train, ck, k, flag, launcher=False) for k, flag in VARIANTS.items()}
+    pool.shutdown(wait=False)
+    return runs
+
+
 def train_variants(ck: Check) -> None:
-    r = train(ck, "compile", "--compile")
+    """--compile and --activation_checkpointing, each against the run without; one after the other, but in a dry
+    run all at once from the start of the train stage (their tokens/s mean nothing on a CPU)."""
+    runs = ck.found.pop("variants", None) or start_variants(ck, 1)
+    r = runs["compile"].result()
     ck.add("--compile: tokens/s", f"{r['tps']:,.0f} ({r['tps'] / need(ck, 'tps', 'train'):.2f}x eager)",
            f"time to first step {r['first_s']:.1f} s; peak memory {_mem(r)}; loss {r['loss'][0]:.3f} -> "
            f"{r['loss'][1]:.3f}")
-    r = train(ck, "ckpt", "--activation_checkpointing")
+    r = runs["ckpt"].result()
     mem = f" ({r['mem'] / ck.found['mem']:.2f}x)" if r["mem"] and ck.found.get("mem") else ""
     ck.add("--activation_checkpointing: tokens/s, peak memory",
            f"{r['tps']:,.0f} ({r['tps'] / need(ck, 'tps', 'train'):.2f}x without); {_mem(r)}{mem}",

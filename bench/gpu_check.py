@@ -147,7 +147,7 @@ def story(ck: Check) -> None:
 
 # (name, stage, seconds it needs on the GPU: skipped with less left of --budget_s); one line adds a stage
 STAGES: list[tuple[str, Callable[[Check], None], float]] = [
-    ("environment", environment, 0), ("attention parity", attention_parity, 20), ("head loss", loss_parity, 40),
+    ("environment", environment, 0), ("attention parity", attention_parity, 60), ("head loss", loss_parity, 40),
     ("device choice", device_choice, 20), ("expert kernels", expert_gating, 15), ("data", prepare_data, 15),
     ("train", train_default, 60), ("resume", resume, 40), ("train variants", train_variants, 90),
     ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),

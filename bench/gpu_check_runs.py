@@ -88,14 +88,16 @@ def _free_port() -> int:
 def main_command(ck: Check, out: Path, *flags: str, launcher: bool = True) -> list[str]:
     """The README's training command at the check's size: the `deepspeed` launcher (as python -m, so a DeepSpeed
     installed into a --target folder works too) with one rank, a40.json, --vocab data, story-aware attention
-    (the default), a checkpoint halfway and at the end. Without `launcher`: train.py alone, one process."""
+    (the default), a checkpoint halfway and at the end. Without `launcher`: train.py alone, one process, saved
+    at the end only."""
     s = ck.sizes
     start = ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_free_port())] if launcher \
         else []
+    save_every = s.steps // 2 if launcher else 0
     return [sys.executable, *start, str(REPO / "launch" / "train.py"), "--ds_config", str(ds_config(ck)),
             "--model", s.model, "--vocab", "data", "--data", str(need(ck, "data", "data")), "--out", str(out),
             "--max_steps", str(s.steps), "--seq_len", str(s.seq_len), "--log_every", "1", "--eval_every",
-            str(s.steps), "--eval_batches", "4", "--save_every", str(s.steps // 2), *flags]
+            str(s.steps), "--eval_batches", "4", "--save_every", str(save_every), *flags]
 
 
 def _records(out: Path, complete: bool = True) -> list[dict[str, Any]]:

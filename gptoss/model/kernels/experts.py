@@ -76,7 +76,8 @@ def grouped_mm_supported(capability: tuple[int, int] | None, dtype: torch.dtype,
     right, but each layer would sync twice in forward and again in backward instead of the loop's once
     (pytorch#186620: no syncless Ampere kernel is planned; inductor's Triton template is gated to sm_90+ too).
     On Blackwell (10.x) the fast kernel gives non-zero weight gradients to zero-token groups (pytorch#172439,
-    open), and idle experts are the rule here. So elsewhere the loop runs, its sync measured by the GPU check."""
+    open), and an idle expert must get exactly zero. So elsewhere the loop runs, its sync measured by the GPU
+    check."""
     return (capability is not None and capability[0] == 9 and dtype == torch.bfloat16 and hidden % 8 == 0
             and intermediate % 8 == 0 and hasattr(torch, "_grouped_mm"))
 

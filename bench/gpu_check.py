@@ -6,22 +6,27 @@
 Prints one markdown table (and writes it to --out), one or more rows per stage:
   environment  GPU, torch, CUDA; DeepSpeed installed from gpu_kit/wheels (`pip install --no-index
                --find-links`) where it is missing
-  parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, forward and backward (each
-               against fp32 eager, next to bf16 eager's own error); the head loss: chunked and fused vs plain
-               cross-entropy, then their time and peak memory at nano's vocabulary (bench/bench_loss.py); torch
-               against gptoss.TORCH_FLOOR: the fused loss in bf16 forward + backward (torch.addmm with out_dtype on
-               CUDA) vs chunked
+  parity       FlexAttention with sinks vs eager attention, bf16, sliding and full, without and with story
+               (document) masks, forward and backward (each against fp32 eager, next to bf16 eager's own error);
+               the head loss: chunked and fused vs plain cross-entropy, then their time and peak memory at nano's
+               vocabulary (bench/bench_loss.py); torch against gptoss.TORCH_FLOOR: the fused loss in bf16 forward
+               + backward (torch.addmm with out_dtype on CUDA) vs chunked
   platform     the GPU a rank takes with LOCAL_RANK=1 and one GPU visible (srun --gpus-per-task=1), and the NCCL
                error handling it starts with, from init_distributed in a subprocess; the expert kernel chosen for
-               nano in bf16 (grouped only on sm_9x), then grouped (where chosen, else masked dense) vs looped
-               experts, bf16 forward + backward with idle experts: errors, idle gradients exactly 0, times
-  data         gpu_kit/data's TinyStories .txt (a copy of ../shared/data/tinystories) tokenized with
-               gptoss.tokenizer.encode_documents into the trainer's format: no `datasets` needed
-  train        the nano preset through the real trainer (launch/train.py, ds_configs/a40.json with a warmup that
-               fits the few steps): time to first step, tokens/s, MFU, peak memory; again with
-               --activation_checkpointing, and with --compile (tokens/s against the run without; inductor, or aot_eager
-               in a dry run)
-  peer         the same model and batch as a transformers GptOssForCausalLM training step: tokens/s ratio
+               nano in bf16 (grouped only on sm_9x), then grouped GEMM and masked dense vs the loop, bf16 forward
+               + backward with idle experts: errors, idle gradients exactly 0, times; the loop's host sync per
+               layer (counts on the device vs on the host)
+  data         a TinyStories-like corpus: the first stories of gpu_kit/data's .txt (scripts/gpu_wheels.sh copies
+               ../shared/data/tinystories there), else synthetic stories (gptoss.data.synthetic), tokenized with
+               gptoss.tokenizer into the trainer's format: no `datasets` needed
+  train        the README's main command at nano size: `python -m deepspeed.launcher.runner --num_gpus 1
+               launch/train.py --ds_config a40.json --vocab data` (story-aware attention, the default; a warmup
+               that fits the few steps), a checkpoint halfway and at the end: time to first step, tokens/s, MFU,
+               peak memory; then `--resume` from the halfway checkpoint, its losses against the uninterrupted
+               run's; again with --compile (tokens/s against eager; inductor, or aot_eager in a dry run) and with
+               --activation_checkpointing
+  peer         the same model (our data vocabulary) and batch as a transformers GptOssForCausalLM training step:
+               tokens/s ratio
   export       the run exported, loaded by transformers, greedy tokens equal to our sampler's; one sampled story
 
 A stage that fails gives a FAIL row and the others still run; exit status 1 if any row failed, 2 without CUDA
@@ -45,7 +50,7 @@ import common
 from gpu_check_harness import DRY, GPU, KIT, PROMPT, Check, free_memory, need
 from gpu_check_kernels import attention_parity, loss_parity
 from gpu_check_platform import device_choice, expert_gating
-from gpu_check_runs import peer_step, prepare_data, train_default, train_variants
+from gpu_check_runs import peer_step, prepare_data, resume, train_default, train_variants
 
 # ---- environment -------------------------------------------------------------------------------------------
 
@@ -140,11 +145,12 @@ def story(ck: Check) -> None:
            f"temperature 0.8, top-k 200, seed 0, after {ck.sizes.steps} steps: {text[:600]}")
 
 
+# (name, stage, seconds it needs on the GPU: skipped with less left of --budget_s); one line adds a stage
 STAGES: list[tuple[str, Callable[[Check], None], float]] = [
-    ("environment", environment, 0), ("attention parity", attention_parity, 20), ("head loss", loss_parity, 40),
-    ("device choice", device_choice, 20), ("expert kernels", expert_gating, 15), ("data", prepare_data, 10),
-    ("train", train_default, 60), ("train variants", train_variants, 60), ("transformers step", peer_step, 30),
-    ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
+    ("environment", environment, 0), ("attention parity", attention_parity, 60), ("head loss", loss_parity, 40),
+    ("device choice", device_choice, 20), ("expert kernels", expert_gating, 15), ("data", prepare_data, 15),
+    ("train", train_default, 60), ("resume", resume, 40), ("train variants", train_variants, 90),
+    ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
 ]
 
 
@@ -154,8 +160,8 @@ def main() -> int:
     p.add_argument("--dry_run", action="store_true", help="every stage on CPU at toy size (proves the script)")
     p.add_argument("--budget_s", type=float, default=480.0, help="stop starting stages after this (default: 480)")
     p.add_argument("--wheels", default=str(KIT / "wheels"), help="wheels for pip --no-index (scripts/gpu_wheels.sh)")
-    p.add_argument("--data", default=str(KIT / "data"), help="train.txt + valid.txt (default: gpu_kit/data, then "
-                   "../shared/data/tinystories)")
+    p.add_argument("--data", default=str(KIT / "data"), help="a folder with TinyStories' train.txt + valid.txt "
+                   "(default: %(default)s); without them the check trains on synthetic stories")
     p.add_argument("--work", default=None, help="scratch dir (default: a temporary one, removed at the end)")
     args = p.parse_args()
     if args.dry_run:

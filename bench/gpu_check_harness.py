@@ -16,7 +16,6 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 import common  # noqa: E402  (bench/ is not a package)
 
 KIT = REPO / "gpu_kit"
-SHARED_STORIES = REPO.parent / "shared" / "data" / "tinystories"
 PROMPT = "Once upon a time"
 
 
@@ -32,12 +31,14 @@ class Sizes:
     expert_rows: int  # expert kernels: rows of one MoE layer (tokens x top-k) on `model`'s experts
     greedy_tokens: int
     story_tokens: int
-    stories: int | None  # stories read per split (None: all)
+    stories: int  # train stories (read from --data's .txt, else synthetic); val: a tenth, at least 20
+    concurrent_variants: bool  # the --compile and --activation_checkpointing runs beside the others (dry run)
 
 
-GPU = Sizes("nano", 1024, 30, None, (1, 8, 1024, 64, 128), (4096, 512, 201088, None), (16, 4, 3), 32768, 48, 120,
-           None)
-DRY = Sizes("tiny", 64, 3, (4, 2), (2, 4, 128, 16, 16), (256, 64, 4096, 64), (2, 2, 2), 96, 12, 24, 60)
+# 8,000 stories: ~1M tokens; 20 steps of 65,536 tokens (saved at 10 and 20) sample windows from them again
+GPU = Sizes("nano", 1024, 20, None, (1, 8, 1024, 64, 128), (4096, 512, 201088, None), (16, 4, 3), 32768, 48, 120,
+            8000, False)
+DRY = Sizes("tiny", 64, 4, (4, 2), (2, 4, 128, 16, 16), (256, 64, 4096, 64), (2, 2, 2), 96, 12, 24, 60, True)
 
 
 @dataclass

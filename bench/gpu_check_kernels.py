@@ -1,6 +1,7 @@
-"""gpu_check's parity stages: FlexAttention with sinks against eager attention, and the head loss (chunked,
-fused) against plain cross-entropy, in bf16; then the losses' time and peak memory, and whether this torch runs
-the fused loss at all (its CUDA weight gradient needs torch.addmm's out_dtype: gptoss.TORCH_FLOOR)."""
+"""gpu_check's parity stages: FlexAttention with sinks against eager attention, with and without story
+(document) masks, and the head loss (chunked, fused) against plain cross-entropy, in bf16; then the losses' time
+and peak memory, and whether this torch runs the fused loss at all (its CUDA weight gradient needs torch.addmm's
+out_dtype: gptoss.TORCH_FLOOR)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ def _errors(got: tuple[Any, list[Any]], ref: tuple[Any, list[Any]]) -> tuple[flo
     return fwd, bwd
 
 
+def _story_segments(ck: Check, T: int) -> Any:
+    """Two rows of T tokens cut into stories as training windows are: row 0 starts mid-story, row 1 at an
+    <|endoftext|>; stories from 1 token to longer than the sliding window."""
+    import torch
+
+    from gptoss.model.kernels.attention import Segments
+    from gptoss.tokenizer import EOT_ID
+
+    ids = torch.zeros(2, T, dtype=torch.long)
+    for row, starts in enumerate(([T // 8, T // 8 + 1, T // 3, T // 2 + 5], [0, 3, T // 4, T - T // 6])):
+        ids[row, starts] = EOT_ID
+    return Segments.from_tokens(ids.to(ck.device), EOT_ID)
+
+
 def attention_parity(ck: Check) -> None:
     import torch
 
@@ -29,24 +44,28 @@ def attention_parity(ck: Check) -> None:
     grad_out = torch.randn(2, nh, T, d, generator=g).to(ck.device)
     backward = ck.device.type == "cuda"  # FlexAttention has no CPU backward
     scale = d ** -0.5
-    for w in (window, None):
-        def run(kernel: str, dtype: torch.dtype, w: int | None = w) -> tuple[Any, list[Any]]:
-            ts = [t.to(ck.device, dtype).requires_grad_(backward) for t in inputs]
-            if kernel == "flex":
-                out = flex_attention_with_sinks(*ts, scale, w)
-            else:
-                out = eager_attention(*ts, scale, w)
-            grads = torch.autograd.grad((out.float() * grad_out).sum(), ts) if backward else []
-            return out.detach().float(), [x.float() for x in grads]
+    for stories in (False, True):
+        for w in (window, None):
+            def run(kernel: str, dtype: torch.dtype, w: int | None = w,
+                    stories: bool = stories) -> tuple[Any, list[Any]]:
+                ts = [t.to(ck.device, dtype).requires_grad_(backward) for t in inputs]
+                segments = _story_segments(ck, T) if stories else None  # a fresh block-mask cache per run
+                fn = flex_attention_with_sinks if kernel == "flex" else eager_attention
+                out = fn(*ts, scale, w, segments)
+                grads = torch.autograd.grad((out.float() * grad_out).sum(), ts) if backward else []
+                return out.detach().float(), [x.float() for x in grads]
 
-        ref = run("eager", torch.float32)
-        flex, eager = _errors(run("flex", torch.bfloat16), ref), _errors(run("eager", torch.bfloat16), ref)
-        ok = flex[0] <= 2 * eager[0] + 1e-3 and (not backward or flex[1] <= 2 * eager[1] + 1e-3)
-        bwd = (f"; backward max |Δ|/max|grad| flex {flex[1]:.1e}, eager bf16 {eager[1]:.1e}" if backward else
-               "; backward n/a on CPU (FlexAttention has none)")
-        ck.add(f"attention parity, {'sliding W=' + str(w) if w else 'full causal'}, bf16", "ok" if ok else "FAIL",
-               f"FlexAttention+sinks vs fp32 eager: forward max |Δ| {flex[0]:.1e} (eager bf16: {eager[0]:.1e})"
-               f"{bwd}; B=2, {nh}/{nkv} heads, T={T}, d={d}; pass: within 2x eager bf16's error + 1e-3")
+            ref = run("eager", torch.float32)
+            flex, eager = _errors(run("flex", torch.bfloat16), ref), _errors(run("eager", torch.bfloat16), ref)
+            ok = flex[0] <= 2 * eager[0] + 1e-3 and (not backward or flex[1] <= 2 * eager[1] + 1e-3)
+            bwd = (f"; backward max |Δ|/max|grad| flex {flex[1]:.1e}, eager bf16 {eager[1]:.1e}" if backward else
+                   "; backward n/a on CPU (FlexAttention has none)")
+            masks = ("story masks (Segments: 5 and 4 stories in the two rows, the first starting mid-story), "
+                     if stories else "no story mask, ")
+            ck.add(f"attention parity, {'stories, ' if stories else ''}"
+                   f"{'sliding W=' + str(w) if w else 'full causal'}, bf16", "ok" if ok else "FAIL",
+                   f"FlexAttention+sinks vs fp32 eager: forward max |Δ| {flex[0]:.1e} (eager bf16: {eager[0]:.1e})"
+                   f"{bwd}; {masks}B=2, {nh}/{nkv} heads, T={T}, d={d}; pass: within 2x eager bf16's error + 1e-3")
 
 
 def loss_parity(ck: Check) -> None:

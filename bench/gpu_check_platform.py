@@ -1,7 +1,7 @@
 """gpu_check's platform stages: which GPU a rank takes when srun binds one GPU per task (LOCAL_RANK 1, one GPU
-visible), with the NCCL error handling it starts with; and which expert kernel runs here, grouped or looped
-experts compared on rows where some experts are idle. Run as a script, this file is device_choice's
-subprocess: it prints one JSON line."""
+visible), with the NCCL error handling it starts with; and which expert kernel runs here, each kernel against
+the loop on rows where some experts are idle, and what the loop's host sync costs per layer. Run as a script,
+this file is device_choice's subprocess: it prints one JSON line."""
 
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ def _idle_counts(experts: int, rows: int, seed: int = 0) -> Any:
 
 
 def expert_gating(ck: Check) -> None:
-    """The kernel expert_kernel picks for nano in bf16 here, then that kernel (grouped where chosen, else masked
-    dense) against the loop, bf16, forward + backward, with idle experts: output and gradient errors, times."""
+    """The kernel expert_kernel picks for nano in bf16 here; then grouped (torch._grouped_mm: its fast kernel on
+    9.x/10.x, its syncing fallback elsewhere) and masked dense against the loop, bf16, forward + backward, with
+    idle experts: output and gradient errors, times; then the loop's host sync per layer."""
     import copy
 
     import torch
@@ -112,8 +113,9 @@ def expert_gating(ck: Check) -> None:
            f"gptoss.model.kernels.experts.expert_kernel for hidden {nano.hidden_size}, intermediate "
            f"{nano.intermediate_size} in bf16 on {ck.device.type}; compute capability "
            f"{f'{cap[0]}.{cap[1]}' if cap else 'none'}, torch._grouped_mm "
-           f"{'present' if hasattr(torch, '_grouped_mm') else 'absent'} (grouped_mm_supported: 9.x, bf16, 16-byte "
-           "aligned rows)")
+           f"{'present' if hasattr(torch, '_grouped_mm') else 'absent'} (grouped_mm_supported: 9.x only, bf16, "
+           "16-byte aligned rows: elsewhere torch's kernel syncs on every call or, on 10.x, gives idle experts "
+           "weight gradients)")
 
     cfg = get_config(ck.sizes.model)
     h, inter, rows = cfg.hidden_size, cfg.intermediate_size, ck.sizes.expert_rows
@@ -126,8 +128,6 @@ def expert_gating(ck: Check) -> None:
     counts = _idle_counts(cfg.num_local_experts, rows).to(ck.device)
     x = torch.randn(rows, h, device=ck.device)
     grad_out = torch.randn(rows, h, device=ck.device)
-    here = _kernel_name(expert_kernel(x.to(torch.bfloat16), h, inter))
-    other = "grouped" if here == "grouped" else "masked_dense"
     names = [n for n, _ in fp32[0].named_parameters()]
 
     def forward_backward(kernel: str, experts: torch.nn.ModuleList) -> tuple[Any, list[Any]]:
@@ -143,29 +143,64 @@ def expert_gating(ck: Check) -> None:
         per_name = {n: torch.stack([g.float() for g in grads[1 + i::len(names)]]) for i, n in enumerate(names)}
         return {"out": y.detach().float(), "x": grads[0].float(), **per_name}
 
-    ref, loop, cand = run("loop", fp32), run("loop", bf16), run(other, bf16)
-    idle = (counts == 0).nonzero().flatten().tolist()
-    idle_zero = all(bool((r[n][idle] == 0).all()) for r in (loop, cand) for n in names)
-    delta = {k: (cand[k] - loop[k]).abs().max().item() for k in loop}
-    bf16_err = {k: (loop[k] - ref[k]).abs().max().item() for k in loop}
-    ok = idle_zero and all(delta[k] <= 2 * bf16_err[k] + 1e-3 * ref[k].abs().max().item() for k in delta)
-
     def step(kernel: str) -> None:
         forward_backward(kernel, bf16)
         sync(ck)
 
     cuda = ck.device.type == "cuda"
-    times = common.interleaved_best({k: lambda k=k: step(k) for k in ("loop", other)}, repeats=10 if cuda else 2)
-    speed = times["loop"].best / times[other].best
-    ck.add(f"experts {other} vs loop, bf16, idle experts",
-           f"{'ok' if ok else 'FAIL'}: {other} {speed:.2f}x the loop's speed" + ("" if here == "grouped" else
-                                                                                 f"; grouped: not chosen on {where}"),
-           f"{ck.sizes.model} experts ({cfg.num_local_experts} x {h} -> {inter}), {rows:,} rows, counts "
-           f"{counts.tolist()}: max |Δ| {other} vs loop: " + ", ".join(f"{k} {v:.1e}" for k, v in delta.items())
-           + f"; idle experts {idle}: weight gradients exactly 0 in both: {'yes' if idle_zero else 'NO'}; "
-           "forward + backward " + ", ".join(f"{k} {t.best * 1e3:.2f} ms" for k, t in times.items())
-           + f" (best of {len(times['loop'].seconds)}); pass: within 2x the loop's bf16 error vs fp32 + 1e-3 x max")
+    ref, loop = run("loop", fp32), run("loop", bf16)
+    idle = (counts == 0).nonzero().flatten().tolist()
+    bf16_err = {k: (loop[k] - ref[k]).abs().max().item() for k in loop}
+    times = common.interleaved_best({k: lambda k=k: step(k) for k in EXPERT_KERNELS}, repeats=10 if cuda else 2)
+    for other in ("grouped", "masked_dense"):
+        cand = run(other, bf16)
+        idle_zero = all(bool((r[n][idle] == 0).all()) for r in (loop, cand) for n in names)
+        delta = {k: (cand[k] - loop[k]).abs().max().item() for k in loop}
+        ok = idle_zero and all(delta[k] <= 2 * bf16_err[k] + 1e-3 * ref[k].abs().max().item() for k in delta)
+        speed = times["loop"].best / times[other].best
+        ck.add(f"experts {other} vs loop, bf16, idle experts",
+               f"{'ok' if ok else 'FAIL'}: {other} {speed:.2f}x the loop's speed" + ("; chosen" if other == chosen
+                                                                                     else ""),
+               f"{ck.sizes.model} experts ({cfg.num_local_experts} x {h} -> {inter}), {rows:,} rows, counts "
+               f"{counts.tolist()}: max |Δ| {other} vs loop: " + ", ".join(f"{k} {v:.1e}" for k, v in delta.items())
+               + f"; idle experts {idle}: weight gradients exactly 0 in both: {'yes' if idle_zero else 'NO'}; "
+               f"forward + backward {other} {times[other].best * 1e3:.2f} ms, loop {times['loop'].best * 1e3:.2f} ms "
+               f"(best of {len(times['loop'].seconds)}); pass: within 2x the loop's bf16 error vs fp32 + 1e-3 x max")
+        del cand
+    _loop_sync_cost(ck, bf16, x, counts, cfg.num_hidden_layers)
     free_memory(ck)
+
+
+def _loop_sync_cost(ck: Check, experts: Any, x: Any, counts: Any, layers: int) -> None:
+    """A stack of `layers` layers, each a matmul queued ahead of the looped experts, forward + backward: with the
+    counts on the device (the loop's counts.tolist() waits for the queue, then the GPU idles while Python
+    launches the experts' kernels) against the same counts already on the host (no sync)."""
+    import torch
+
+    from gptoss.model.kernels.experts import looped_experts
+
+    h = x.shape[1]
+    w = (torch.randn(h, h, device=x.device) * h ** -0.5).to(torch.bfloat16)
+    host = counts.cpu()
+
+    def stack(c: Any) -> None:
+        y = x.to(torch.bfloat16).requires_grad_()
+        for _ in range(layers):
+            y = looped_experts(experts, torch.nn.functional.linear(y, w), c)
+        y.float().square().mean().backward()
+        sync(ck)
+
+    cuda = ck.device.type == "cuda"
+    t = common.interleaved_best({"device": lambda: stack(counts), "host": lambda: stack(host)},
+                                repeats=10 if cuda else 2)
+    per_layer = (t["device"].best - t["host"].best) / layers
+    result = (f"{per_layer * 1e3:.3f} ms per layer ({per_layer / (t['device'].best / layers):.0%} of a layer's "
+              "forward + backward here)" if cuda else "n/a on CPU (no device queue to drain)")
+    ck.add("expert loop: host sync per layer", result,
+           f"{layers} layers of (matmul, looped experts), forward + backward, {x.shape[0]:,} rows: counts on the "
+           f"device {t['device'].best * 1e3:.2f} ms (counts.tolist() syncs once per layer), on the host "
+           f"{t['host'].best * 1e3:.2f} ms (best of {len(t['host'].seconds)}); a micro-batch pays it once per MoE "
+           f"layer in forward, twice with --activation_checkpointing")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What only a GPU can show (`pytest -m gpu`; every test here is skipped without CUDA): FlexAttention's compiled
-kernels with sinks, forward and backward, against eager attention in bf16; one DeepSpeed bf16 ZeRO-2 step of the
+kernels with sinks, forward and backward, against eager attention in bf16; the expert kernels against the
+loop in bf16 with idle experts; one DeepSpeed bf16 ZeRO-2 step of the
 real trainer with the shipped A40 config (no DeepSpeed op built); the model under torch.compile against eager;
 activation checkpointing's memory, measured by the CUDA allocator.
 
@@ -18,6 +19,8 @@ from conftest import REPO, launch, ok, read_metrics, train_flags
 from gptoss.config import get_config
 from gptoss.model import ModelOptions, build_model
 from gptoss.model.kernels.attention import eager_attention, flex_attention_with_sinks
+from gptoss.model.kernels.experts import EXPERT_KERNELS, expert_kernel, grouped_mm_supported
+from gptoss.model.moe import Expert
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -51,6 +54,44 @@ def test_flex_attention_with_sinks_forward_and_backward_match_eager_in_bf16(wind
         scale = r.abs().max().item()
         eager_err, flex_err = (e - r).abs().max().item() / scale, (f - r).abs().max().item() / scale
         assert flex_err <= 2 * eager_err + 1e-3, (name, flex_err, eager_err)
+
+
+@pytest.mark.parametrize("name", ["grouped", "masked_dense"])
+def test_expert_kernel_matches_the_loop_in_bf16_with_idle_experts(name):
+    """nano's experts (8 x 512 -> 1024) on 8,192 uneven rows, experts 1 and 4 idle: each kernel's output and
+    gradients (rows and every weight) as close to the fp32 loop as the bf16 loop is, idle experts' weight
+    gradients exactly 0; expert_kernel picks grouped exactly where grouped_mm_supported says (Hopper)."""
+    cfg = get_config("nano")
+    h, inter, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    torch.manual_seed(0)
+    fp32 = torch.nn.ModuleList(Expert(h, inter, cfg.swiglu_alpha, cfg.swiglu_limit) for _ in range(E)).cuda()
+    for p in fp32.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02 if p.dim() > 1 else 0.1)
+    bf16 = torch.nn.ModuleList(Expert(h, inter, cfg.swiglu_alpha, cfg.swiglu_limit) for _ in range(E)).cuda()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16 = bf16.bfloat16()
+    counts = torch.tensor([1500, 0, 2500, 700, 0, 1, 2991, 499], device="cuda")
+    x = torch.randn(int(counts.sum()), h, device="cuda")
+    grad_out = torch.randn_like(x)
+
+    def run(kernel: str, experts: torch.nn.ModuleList) -> list[torch.Tensor]:
+        xs = x.to(next(experts.parameters()).dtype).requires_grad_()
+        params = [xs, *experts.parameters()]
+        y = EXPERT_KERNELS[kernel](experts, xs, counts)
+        grads = torch.autograd.grad((y.float() * grad_out).sum(), params, allow_unused=True)
+        return [y.detach().float()] + [torch.zeros_like(p).float() if g is None else g.float()
+                                       for g, p in zip(grads, params)]
+
+    ref, loop, got = run("loop", fp32), run("loop", bf16), run(name, bf16)
+    for r, lo, g in zip(ref, loop, got):
+        scale = r.abs().max().item() or 1.0
+        assert (g - r).abs().max().item() <= 2 * (lo - r).abs().max().item() + 1e-3 * scale
+    per_expert = len(list(bf16[0].parameters()))
+    idle = [got[2 + e * per_expert + i] for e in (1, 4) for i in range(per_expert)]
+    assert all(bool((g == 0).all()) for g in idle)
+    chosen = expert_kernel(x.bfloat16(), h, inter)
+    cap = torch.cuda.get_device_capability()
+    assert (chosen is EXPERT_KERNELS["grouped"]) == grouped_mm_supported(cap, torch.bfloat16, h, inter) == (cap[0] == 9)
 
 
 def test_one_deepspeed_bf16_zero2_step_with_the_a40_config(tiny_data, tmp_path):

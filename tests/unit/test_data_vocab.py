@@ -202,6 +202,26 @@ def test_pad_rows_change_no_loss_gradient_or_logit(name, impl):
     assert torch.equal(grads["padded"]["logits"], grads["ref"]["logits"])
 
 
+@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
+def test_pad_rows_never_reach_an_export(tmp_path, name):
+    """The export of the padded model (pad rows NaN here) is, tensor for tensor, that of the unpadded one."""
+    from gptoss.export import read_export, save_model
+
+    torch.manual_seed(0)
+    cfg = get_config(name, vocab_size=512, kept_ids=kept_for(512))
+    model = build_model(cfg).eval()
+    want = expand_state_dict(unpadded_twin(model).state_dict(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in VOCAB_KEYS:
+                p[len(cfg.kept_ids):-1] = float("nan")
+    back_cfg, state = read_export(save_model(model, tmp_path / "export", tokenizer="no"))
+    assert back_cfg == cfg.exported() and state.keys() == want.keys()
+    assert state["lm_head.weight"].shape[0] == 512
+    for k, t in state.items():
+        assert torch.equal(t, want[k]), k
+
+
 # ---- export: a standard 201,088-id model, transformers agrees for every id --------------------------------
 
 @pytest.mark.parametrize("name,cls", [("tiny", "GptOssForCausalLM"), ("gpt2-tiny", "GPT2LMHeadModel")])

@@ -7,9 +7,7 @@ from __future__ import annotations
 import torch
 
 from gptoss.config import ModelConfig
-
-# State-dict keys holding one row per token id (GPT-OSS, GPT-2).
-VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
+from gptoss.model.head import VOCAB_KEYS
 
 
 def expand_rows(rows: torch.Tensor, kept_ids: list[int], vocab_size: int) -> torch.Tensor:

@@ -69,9 +69,11 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512, help="hidden size (nano: 512)")
     p.add_argument("--impls", default="chunked,fused", help="comma-separated loss kernels")
     p.add_argument("--dtype", choices=sorted(bench_loss.DTYPES), default="fp32")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per side after one warm-up")
+    p.add_argument("--repeats", type=int, default=11, help="timed calls per side after one warm-up")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     common.add_quiet_machine_args(p)
     args = p.parse_args()
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     info = common.machine_info()
     inputs = sides(args.rows, args.tokens, args.hidden, bench_loss.DTYPES[args.dtype])
     k = args.rows - 1  # kept rows

@@ -7,16 +7,17 @@ What one call is: `LOSS_KERNELS[impl](hidden, weight, targets, None, ln N, pad_r
 of it w.r.t. hidden [tokens x hidden] and weight [rows x hidden] (grad_output 0.5), as in bench/bench_loss.py.
 "unpadded" is the |S| + 1-row weight (kept rows, then the tail), the head before the padding; "padded" the
 same weight with `ModelConfig.embedding_rows - rows` zero rows before the tail (row count a multiple of 64) and
-their logits masked out. Both sides of a kernel run in one process, alternated call by call
-(`common.interleaved_best`), after a wait for a quiet machine; "loss" is each side's value (the same inputs, so
-equal up to rounding) and "max Δgrad" the largest difference of the padded side's hidden and real-row
-weight gradients from the unpadded side's.
+their logits masked out. Both sides of a kernel run in one process, alternated call by call, after a wait for a
+quiet machine; each call's wall and process CPU time are recorded (`measure`). "loss" is each side's value (the
+same inputs, so equal up to rounding) and "max Δgrad" the largest absolute difference of the padded side's hidden
+and real-row weight gradients from the unpadded side's.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,20 @@ def step(impl: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, log_tail:
 
 
 def measure(impl: str, inputs: dict[str, tuple[Any, ...]], repeats: int
-            ) -> tuple[dict[str, common.Timing], dict[str, tuple[float, list[torch.Tensor]]]]:
-    """Both sides of one kernel alternated: their timings and the last call's (loss, gradients)."""
+            ) -> tuple[dict[str, dict[str, common.Timing]], dict[str, tuple[float, list[torch.Tensor]]]]:
+    """Both sides of one kernel alternated call by call after one warm-up each: {side: {"wall": Timing, "cpu":
+    Timing}} and the last call's (loss, gradients). "cpu" is this process's CPU time, which other jobs on a
+    shared machine disturb far less than the wall clock (with one thread: none of the time they hold the core)."""
     out: dict[str, tuple[float, list[torch.Tensor]]] = {}
-    fns = {side: (lambda side=side: out.__setitem__(side, step(impl, *inputs[side]))) for side in inputs}
-    return common.interleaved_best(fns, repeats), out
+    seconds: dict[str, dict[str, list[float]]] = {side: {"wall": [], "cpu": []} for side in inputs}
+    for i in range(repeats + 1):
+        for side in inputs:
+            wall, cpu = time.perf_counter(), time.process_time()
+            out[side] = step(impl, *inputs[side])
+            if i:
+                seconds[side]["wall"].append(time.perf_counter() - wall)
+                seconds[side]["cpu"].append(time.process_time() - cpu)
+    return {side: {k: common.Timing(v) for k, v in s.items()} for side, s in seconds.items()}, out
 
 
 def main() -> None:
@@ -85,14 +95,18 @@ def main() -> None:
         assert not dw_pad[k:-1].any(), "pad rows got a gradient"
         diff = max((dh_pad - dh).abs().max().item(), (torch.cat([dw_pad[:k], dw_pad[-1:]]) - dw).abs().max().item())
         for side in inputs:
-            t, rows = timing[side], inputs[side][1].shape[0]
-            table.append([impl, f"{side} ({rows:,} rows)", f"{t.best * 1e3:,.0f}", f"{t.median * 1e3:,.0f}",
-                          f"{timing['unpadded'].best / t.best:.3f}x", f"{out[side][0]:.6f}",
+            wall, cpu, rows = timing[side]["wall"], timing[side]["cpu"], inputs[side][1].shape[0]
+            base = timing["unpadded"]["cpu"]
+            table.append([impl, f"{side} ({rows:,} rows)", f"{wall.best * 1e3:,.0f}", f"{wall.median * 1e3:,.0f}",
+                          f"{cpu.best * 1e3:,.0f}", f"{cpu.median * 1e3:,.0f}", f"{base.best / cpu.best:.3f}x",
+                          f"{base.median / cpu.median:.3f}x", f"{out[side][0]:.6f}",
                           "" if side == "unpadded" else f"{diff:.1e}"])
     print(f"`{common.command_line()}`\n\n{common.machine_line(info)} {args.tokens:,} tokens x hidden {args.hidden}, "
-          f"{args.dtype}; best and median of {args.repeats} calls per side, alternated, after one warm-up each.\n")
-    print(common.markdown_table(["kernel", "head", "best ms", "median ms", "speed vs unpadded", "loss",
-                                 "max Δgrad"], table, align="llrrrrr"))
+          f"{args.dtype}; best and median of {args.repeats} calls per side, alternated, after one warm-up each; speed: "
+          "of the padded head relative to the unpadded one, by CPU time.\n")
+    print(common.markdown_table(["kernel", "head", "wall best ms", "wall median ms", "CPU best ms", "CPU median ms",
+                                 "speed (CPU best)", "speed (CPU median)", "loss", "max Δgrad"], table,
+                                align="llrrrrrrrr"))
 
 
 if __name__ == "__main__":

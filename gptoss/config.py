@@ -107,7 +107,8 @@ class ModelConfig:
     # ---- derived -----------------------------------------------------------------------------
     @property
     def trained_vocab_size(self) -> int:
-        """Rows the model holds: every id, or the kept ids plus one shared tail row."""
+        """Rows that stand for tokens: every id, or the kept ids plus one shared tail row (what parameter and FLOP
+        counts use; the weights hold `embedding_rows`)."""
         return self.vocab_size if self.kept_ids is None else len(self.kept_ids) + 1
 
     @property

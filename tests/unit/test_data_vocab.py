@@ -21,9 +21,10 @@ from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config,
 from gptoss.data import TokenDataset, kept_set, write_prepared
 from gptoss.data.sampler import whole_split_batches
 from gptoss.errors import CheckpointError
-from gptoss.export.vocab import VOCAB_KEYS, expand_state_dict
+from gptoss.export.vocab import expand_state_dict
 from gptoss.generate import generate, load_model
 from gptoss.model import ModelOptions, build_model
+from gptoss.model.head import VOCAB_KEYS
 from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")

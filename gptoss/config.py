@@ -107,8 +107,17 @@ class ModelConfig:
     # ---- derived -----------------------------------------------------------------------------
     @property
     def trained_vocab_size(self) -> int:
-        """Rows the model holds: every id, or the kept ids plus one shared tail row."""
+        """Rows that stand for tokens: every id, or the kept ids plus one shared tail row (what parameter and FLOP
+        counts use; the weights hold `embedding_rows`)."""
         return self.vocab_size if self.kept_ids is None else len(self.kept_ids) + 1
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the embedding and head weights: with a data vocabulary trained_vocab_size rounded up to a multiple
+        of 64 (zero pad rows before the tail row, `gptoss.model.head`), so the logits' row stride is 16-byte
+        aligned in the head's matmuls; the full vocabulary (201,088 = 64 x 3,142) as it is. Derived, never saved."""
+        rows = self.trained_vocab_size
+        return rows if self.kept_ids is None else -(-rows // 64) * 64
 
     def exported(self) -> ModelConfig:
         """The full-vocabulary config an export holds (kept_ids expanded away)."""

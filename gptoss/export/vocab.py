@@ -1,20 +1,20 @@
 """A data-vocabulary model written as the full-vocabulary model it equals (`gptoss.model.head`): each id outside
-the kept set gets the tail row in the unembedding and the shared row in the embedding."""
+the kept set gets the tail row in the unembedding and the shared row in the embedding; the pad rows between the
+kept rows and the tail are left out."""
 
 from __future__ import annotations
 
 import torch
 
 from gptoss.config import ModelConfig
-
-# State-dict keys holding one row per token id (GPT-OSS, GPT-2).
-VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
+from gptoss.model.head import VOCAB_KEYS
 
 
 def expand_rows(rows: torch.Tensor, kept_ids: list[int], vocab_size: int) -> torch.Tensor:
-    """(|S| + 1, h) compact rows -> (vocab_size, h): the tail row for every id outside S."""
+    """(embedding_rows, h) compact rows (|S| kept, pad, tail) -> (vocab_size, h): the tail row for every id
+    outside S."""
     full = rows[-1:].expand(vocab_size, rows.shape[1]).clone()
-    full[torch.tensor(kept_ids, dtype=torch.long)] = rows[:-1]
+    full[torch.tensor(kept_ids, dtype=torch.long)] = rows[:len(kept_ids)]
     return full
 
 

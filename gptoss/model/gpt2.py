@@ -71,11 +71,12 @@ class GPT2(nn.Module):
         self.config, self.options = cfg, options
         # With a data vocabulary the tied tail row is both the shared input row and the tail output row.
         self.head = VocabHead(cfg, options.loss)
-        self.wte = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
+        self.register_load_state_dict_pre_hook(self.head.check_rows)
+        self.wte = nn.Embedding(cfg.embedding_rows, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, options.activation_checkpointing) for _ in range(cfg.num_hidden_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.embedding_rows, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
 
@@ -97,7 +98,7 @@ class GPT2(nn.Module):
                     nn.init.zeros_(linear.bias)
         if not self.config.tie_word_embeddings:  # an untied head is a matrix like the others, not torch's default
             nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
-        self.head.reset_tail(self.lm_head.weight)  # tied: the embedding's shared row too
+        self.head.reset_rows(self.wte.weight, self.lm_head.weight)  # tied: the embedding's shared row too
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, eot_id: int | None = None,
                 **_: object) -> ModelOutput:

@@ -78,10 +78,11 @@ class GptOss(nn.Module):
         super().__init__()
         self.config, self.options = cfg, options
         self.head = VocabHead(cfg, options.loss)
-        self.embed_tokens = nn.Embedding(cfg.trained_vocab_size, cfg.hidden_size)
+        self.register_load_state_dict_pre_hook(self.head.check_rows)
+        self.embed_tokens = nn.Embedding(cfg.embedding_rows, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, ep_size, options) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.trained_vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.embedding_rows, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -89,7 +90,7 @@ class GptOss(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         nn.init.normal_(self.embed_tokens.weight, 0.0, std, generator=generator)
         nn.init.normal_(self.lm_head.weight, 0.0, std, generator=generator)
-        self.head.reset_tail(self.lm_head.weight)
+        self.head.reset_rows(self.embed_tokens.weight, self.lm_head.weight)
         for block in self.layers:
             attn = block.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, block.mlp.router):

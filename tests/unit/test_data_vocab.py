@@ -20,9 +20,11 @@ from conftest import TRAIN, call_main, launch, ok, read_metrics, train_flags
 from gptoss.config import ConfigError, ModelConfig, flops_per_token, get_config, param_counts
 from gptoss.data import TokenDataset, kept_set, write_prepared
 from gptoss.data.sampler import whole_split_batches
+from gptoss.errors import CheckpointError
 from gptoss.export.vocab import expand_state_dict
 from gptoss.generate import generate, load_model
-from gptoss.model import build_model
+from gptoss.model import ModelOptions, build_model
+from gptoss.model.head import VOCAB_KEYS
 from gptoss.tokenizer import EOT_ID, VOCAB_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +58,7 @@ def test_equals_the_full_model_with_tied_unused_rows(name):
     torch.manual_seed(0)
     cfg = get_config(name, vocab_size=vocab, kept_ids=kept_for(vocab))
     model = build_model(cfg).eval()
-    assert model.lm_head.weight.shape[0] == len(cfg.kept_ids) + 1
+    assert model.lm_head.weight.shape[0] == cfg.embedding_rows == 64  # 60 kept + 3 pad + the tail
     full = with_tied_rows(model)
     ids, targets = mixed_ids(cfg.kept_ids, vocab, (2, 48)), mixed_ids(cfg.kept_ids, vocab, (2, 48), seed=2)
     outside = ~torch.isin(targets, torch.tensor(cfg.kept_ids))
@@ -95,7 +97,10 @@ def test_config_validation_and_json_round_trip(tmp_path):
     kept = kept_set([5, 17, 3], VOCAB_SIZE)
     cfg = get_config("tiny", kept_ids=kept)
     assert EOT_ID in cfg.kept_ids and cfg.trained_vocab_size == len(kept) + 1
+    assert cfg.embedding_rows == 64 and cfg.exported().embedding_rows == VOCAB_SIZE
+    assert get_config("tiny", kept_ids=kept_set(range(63), VOCAB_SIZE)).embedding_rows == 128  # 64 kept + tail
     cfg.save(tmp_path / "c.json")
+    assert "embedding_rows" not in (tmp_path / "c.json").read_text()
     assert ModelConfig.load(tmp_path / "c.json") == cfg
     assert cfg.exported().kept_ids is None and cfg.exported().vocab_size == VOCAB_SIZE
     for bad, msg in [([3, 2, EOT_ID], "sorted"), ([2, 2, EOT_ID], "sorted"), ([1, 2], "endoftext"),
@@ -115,10 +120,13 @@ def test_param_counts_and_flops_report_trained_and_exported():
     assert flops_per_token(cfg, 4096, vocab="exported") == flops_per_token(full, 4096)
     saved = 3 * 2 * (VOCAB_SIZE - rows) * h
     assert flops_per_token(full, 4096) - flops_per_token(cfg, 4096) == pytest.approx(saved)
+    pad = cfg.embedding_rows - rows  # parameters only in the alignment: always zero, not counted
+    assert cfg.embedding_rows % 64 == 0 and 0 < pad < 64
     model = build_model(cfg, device="meta")
-    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg)["total"]
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg)["total"] + 2 * pad * h
     tied = get_config("gpt2-nano", kept_ids=kept)
-    assert sum(p.numel() for p in build_model(tied, device="meta").parameters()) == param_counts(tied)["total"]
+    assert sum(p.numel() for p in build_model(tied, device="meta").parameters()) == \
+        param_counts(tied)["total"] + pad * h
 
 
 def test_story_attention_finds_stories_by_the_full_eot_id():
@@ -134,6 +142,96 @@ def test_story_attention_finds_stories_by_the_full_eot_id():
         b = full(ids, ids.roll(-1, 1), eot_id=EOT_ID).loss
         c = model(ids, ids.roll(-1, 1)).loss
     assert a.item() == pytest.approx(b.item(), abs=1e-5) and a.item() != pytest.approx(c.item(), abs=1e-6)
+
+
+# ---- the pad rows: weights of a multiple of 64 rows, the model of |S| + 1 rows ---------------------------------
+
+class Unpadded(ModelConfig):
+    """The same data-vocabulary model with exactly |S| + 1 rows (kept, tail): the reference the pad rows must
+    not change."""
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.trained_vocab_size
+
+
+def unpadded_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` as the unpadded reference: its kept and tail rows, every other weight as it is."""
+    cfg = model.config
+    ref = build_model(Unpadded(**cfg.to_dict()), options=model.options).train(model.training)
+    k = len(cfg.kept_ids)
+    ref.load_state_dict({name: torch.cat([t[:k], t[-1:]]) if name in VOCAB_KEYS else t
+                         for name, t in model.state_dict().items()})
+    return ref
+
+
+def real_rows(grad: torch.Tensor, kept: int) -> torch.Tensor:
+    return torch.cat([grad[:kept], grad[-1:]])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
+def test_pad_rows_change_no_loss_gradient_or_logit(name, impl):
+    """Against the model without pad rows: the same logits, loss and gradients (every weight, and the vocab
+    weights' kept and tail rows), the pad rows' gradients exactly zero, and both zero at init."""
+    vocab = 512
+    torch.manual_seed(0)
+    cfg = get_config(name, vocab_size=vocab, kept_ids=kept_for(vocab))
+    model = build_model(cfg, options=ModelOptions(loss=impl)).train()
+    ref = unpadded_twin(model)
+    k, pad = len(cfg.kept_ids), cfg.embedding_rows - cfg.trained_vocab_size
+    assert pad == 3 and ref.lm_head.weight.shape[0] == k + 1
+    for n, p in model.named_parameters():
+        if n in VOCAB_KEYS:
+            assert not p[k:-1].any()
+    ids, targets = mixed_ids(cfg.kept_ids, vocab, (2, 48)), mixed_ids(cfg.kept_ids, vocab, (2, 48), seed=2)
+    targets[0, :5] = -100
+    grads = {}
+    for key, m in (("padded", model), ("ref", ref)):
+        out = m(ids, targets)
+        names, params = zip(*m.named_parameters())
+        grads[key] = dict(zip(names, torch.autograd.grad(out.loss * 0.25 + out.aux_loss, params)))
+        grads[key]["loss"] = out.loss.detach()
+        with torch.no_grad():
+            grads[key]["logits"] = m.eval()(ids).logits
+    assert grads["padded"].keys() == grads["ref"].keys()
+    for n, g in grads["padded"].items():
+        want = grads["ref"][n]
+        if n in VOCAB_KEYS:
+            assert torch.count_nonzero(g[k:-1]) == 0, n  # exactly zero: pads take no probability, no lookups
+            g = real_rows(g, k)
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7, msg=n)
+    assert torch.equal(grads["padded"]["logits"], grads["ref"]["logits"])
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
+def test_pad_rows_never_reach_an_export(tmp_path, name):
+    """The export of the padded model (pad rows NaN here) is, tensor for tensor, that of the unpadded one."""
+    from gptoss.export import read_export, save_model
+
+    torch.manual_seed(0)
+    cfg = get_config(name, vocab_size=512, kept_ids=kept_for(512))
+    model = build_model(cfg).eval()
+    want = expand_state_dict(unpadded_twin(model).state_dict(), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in VOCAB_KEYS:
+                p[len(cfg.kept_ids):-1] = float("nan")
+    back_cfg, state = read_export(save_model(model, tmp_path / "export", tokenizer="no"))
+    assert back_cfg == cfg.exported() and state.keys() == want.keys()
+    assert state["lm_head.weight"].shape[0] == 512
+    for k, t in state.items():
+        assert torch.equal(t, want[k]), k
+
+
+def test_unpadded_weights_are_refused_in_one_line():
+    """Weights of |S| + 1 rows (saved without the pad rows) into the padded model: the line says so, also when
+    DeepSpeed's --resume loads them (the same load_state_dict)."""
+    torch.manual_seed(0)
+    model = build_model(get_config("gpt2-tiny", vocab_size=512, kept_ids=kept_for(512)))
+    with pytest.raises(CheckpointError, match=r"^the weights loaded: lm_head.weight has 61 rows \(60 kept ids \+ the "
+                       r"tail\), but a data vocabulary's weights hold 64, padded to a multiple of 64: .*export it"):
+        model.load_state_dict(unpadded_twin(model).state_dict())
 
 
 # ---- export: a standard 201,088-id model, transformers agrees for every id --------------------------------
@@ -229,7 +327,7 @@ def test_val_ids_absent_from_train_get_the_full_vocabulary_loss(data_run, data_d
     cfg = ModelConfig.load(data_run / "model_config.json")
     assert cfg.kept_ids == list(range(200))
     model = load_model(data_run, dtype="fp32")
-    assert model.lm_head.weight.shape[0] == 201
+    assert model.lm_head.weight.shape[0] == 256  # 200 kept, 55 pad, the tail
     full = with_tied_rows(model)
     val = TokenDataset(data_dir, "val", seq_len=32)
     sums = {"data": 0.0, "full": 0.0}
@@ -352,5 +450,10 @@ def test_the_tail_row_starts_at_zero_and_the_data_vocab_learns_like_the_full_one
     assert torch.count_nonzero(model.lm_head.weight[-1]) == 0 and model.lm_head.weight[:-1].std() > 0.01
     batches = markov_batches(kept, 80, (8, 32))
     _, full_loss = train_steps(full_cfg, batches)
-    _, data_loss = train_steps(data_cfg, batches)
+    model, data_loss = train_steps(data_cfg, batches)
     assert data_loss <= full_loss + 0.05, (data_loss, full_loss)
+    k = len(kept)  # 300 kept + 19 pad + the tail: the pads are still exactly zero after AdamW with weight decay
+    assert data_cfg.embedding_rows == 320 and model.lm_head.weight[k:].abs().sum() > 0
+    for name, p in model.named_parameters():
+        if name in VOCAB_KEYS:
+            assert torch.count_nonzero(p[k:-1]) == 0, name

@@ -76,6 +76,26 @@ def test_bf16_within_bf16_tolerance_of_fp32(tail):
         assert fused <= 2e-2 and fused <= 2 * chunked + 2e-3, errors
 
 
+@pytest.mark.parametrize("chunk", [16, 1000], ids=["chunks", "one-chunk"])
+@pytest.mark.parametrize("name", ["chunked", "fused"])
+def test_pad_rows_before_the_tail_are_masked_out(name, chunk):
+    """PAD rows between the kept rows and the tail (non-zero here: the mask alone removes them) give the loss and
+    gradients of the weight without them, and exactly zero gradient themselves."""
+    pad, lt = 31, math.log(TAIL_N)
+    h, w, t = inputs(tail=True)
+    extra = torch.randn(pad, HIDDEN, generator=torch.Generator().manual_seed(5))
+    w_pad = torch.cat([w.detach()[:-1], extra, w.detach()[-1:]]).requires_grad_()
+    t_pad = torch.where(t == ROWS - 1, ROWS - 1 + pad, t)
+    fn = {"chunked": chunked_cross_entropy, "fused": fused_linear_cross_entropy}[name]
+    ref = loss_and_grads(lambda *a: fn(*a, chunk_tokens=chunk, log_tail_size=lt), h, w, t)
+    loss, dh, dw = loss_and_grads(lambda *a: fn(*a, chunk_tokens=chunk, log_tail_size=lt, pad_rows=pad),
+                                  h, w_pad, t_pad)
+    assert w_pad.shape[0] == 128 and torch.count_nonzero(dw[ROWS - 1:-1]) == 0
+    close([loss, dh, torch.cat([dw[:ROWS - 1], dw[-1:]])], ref, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # the loss-only walk (validation) masks them too
+        torch.testing.assert_close(fn(h, w_pad, t_pad, chunk, lt, pad), ref[0], rtol=1e-6, atol=1e-7)
+
+
 def test_without_gradients_only_the_loss():
     h, w, t = inputs(tail=True)
     ref = fused_linear_cross_entropy(h, w, t, chunk_tokens=16, log_tail_size=1.0)

@@ -1,5 +1,5 @@
 """The head's cross-entropy over a 201k vocabulary without materialising all fp32 logits: one table
-`LOSS_KERNELS` of name -> `fn(hidden, weight, targets, chunk_tokens, log_tail_size) -> mean loss`.
+`LOSS_KERNELS` of name -> `fn(hidden, weight, targets, chunk_tokens, log_tail_size, pad_rows) -> mean loss`.
 
 - chunked: checkpointed chunks, logits recomputed in backward; the CPU default (BENCHMARKS 11 measures it).
 - fused: each chunk's logits made once and turned at once into both gradients; 1.48x faster than chunked at
@@ -7,8 +7,10 @@
 
 `log_tail_size` = ln N: the last row of `weight` is the data vocabulary's shared tail of N ids
 (`gptoss.model.head`); its logit + ln N is their total mass, and a target among them has log-probability
-log p_tail - ln N. Without gradients wanted every kernel is the chunked loss-only walk, so validation numbers
-never depend on the training kernel.
+log p_tail - ln N. `pad_rows`: the rows just before that tail (`weight[-1 - pad_rows:-1]`) only align the row
+count to 64 (`ModelConfig.embedding_rows`); their logits are -inf, so they take no probability and get exactly
+zero gradient. Without gradients wanted every kernel is the chunked loss-only walk, so validation numbers never
+depend on the training kernel.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ def _count(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, log_tail_size: float | None) -> torch.Tensor:
-    """fp32 logits of one chunk, the tail row raised by ln N (the matmul in the input dtype)."""
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, log_tail_size: float | None, pad_rows: int) -> torch.Tensor:
+    """fp32 logits of one chunk, the tail row raised by ln N and the pad rows -inf (the matmul in the input
+    dtype)."""
     logits = F.linear(hidden, weight).float()
     if log_tail_size is not None:
         logits[:, -1] += log_tail_size  # in place: no second vocab-sized tensor
+    if pad_rows:
+        logits[:, -1 - pad_rows:-1] = float("-inf")
     return logits
 
 
@@ -50,13 +55,15 @@ def _tail_term(targets: torch.Tensor, rows: int, log_tail_size: float | None) ->
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    log_tail_size: float | None) -> torch.Tensor:
-    ce = F.cross_entropy(_logits(hidden, weight, log_tail_size), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+                    log_tail_size: float | None, pad_rows: int) -> torch.Tensor:
+    logits = _logits(hidden, weight, log_tail_size, pad_rows)
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return ce + _tail_term(targets, weight.shape[0], log_tail_size)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_tokens: int | None = None, log_tail_size: float | None = None) -> torch.Tensor:
+                          chunk_tokens: int | None = None, log_tail_size: float | None = None,
+                          pad_rows: int = 0) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T`, chunk by chunk. With more than one chunk each runs under
     activation checkpointing, so forward and backward hold one chunk's logits; a single chunk skips it (it
     would only run the matmul twice)."""
@@ -65,17 +72,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     recompute = hidden.shape[0] > chunk_tokens and _wants_grad(hidden, weight)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (hidden[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens], log_tail_size)
+        args = (hidden[start:start + chunk_tokens], weight, targets[start:start + chunk_tokens], log_tail_size,
+                pad_rows)
         total = total + (checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if recompute
                          else _chunk_loss_sum(*args))
     return total / _count(targets)
 
 
 def _chunk_loss_and_logit_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               log_tail_size: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                               log_tail_size: float | None, pad_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed loss of the chunk in fp32, d loss_sum / d logits in the input dtype): softmax - onehot, zero on
-    ignored rows."""
-    logits = _logits(hidden, weight, log_tail_size)
+    ignored rows (and on pad rows: exp(-inf) = 0)."""
+    logits = _logits(hidden, weight, log_tail_size, pad_rows)
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]
     lse = torch.logsumexp(logits, dim=-1)
@@ -105,7 +113,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                log_tail_size: float | None) -> torch.Tensor:
+                log_tail_size: float | None, pad_rows: int) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = hidden.new_empty(hidden.shape) if want_hidden else None  # contiguous: rows are out= views
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -113,7 +121,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
-            loss, grad_logits = _chunk_loss_and_logit_grad(hidden[sl], weight, targets[sl], log_tail_size)
+            loss, grad_logits = _chunk_loss_and_logit_grad(hidden[sl], weight, targets[sl], log_tail_size,
+                                                                   pad_rows)
             total += loss
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[sl])
@@ -130,20 +139,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_output.float() / count
         dh = grad_hidden * scale if grad_hidden is not None else None
         dw = (grad_weight * scale).to(ctx.weight_dtype) if grad_weight is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk_tokens: int | None = None, log_tail_size: float | None = None) -> torch.Tensor:
+                               chunk_tokens: int | None = None, log_tail_size: float | None = None,
+                               pad_rows: int = 0) -> torch.Tensor:
     """`chunked_cross_entropy`'s value and gradients without recomputing the logits in backward."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if not _wants_grad(hidden, weight):
-        return chunked_cross_entropy(hidden, weight, targets, chunk_tokens, log_tail_size)
+        return chunked_cross_entropy(hidden, weight, targets, chunk_tokens, log_tail_size, pad_rows)
     chunk_tokens = chunk_tokens or default_chunk_tokens(weight.shape[0])
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, log_tail_size)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, log_tail_size, pad_rows)
 
 
-LossKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None, float | None], torch.Tensor]
+LossKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None, float | None, int], torch.Tensor]
 LOSS_KERNELS: dict[str, LossKernel] = {
     "chunked": chunked_cross_entropy,
     "fused": fused_linear_cross_entropy,

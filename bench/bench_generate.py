@@ -11,6 +11,11 @@ including the prompt pass (best and median of --repeats after one warm-up; each 
 machine first, see bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
 reference. "same tokens" says whether ours equals transformers' output. Prints a markdown table with the
 command and the machine.
+
+--breakdown profiles one more run of each (torch.profiler, CPU) and adds per new token: the self time of the
+weight matmuls (addmm, mm, bmm, ...), of every other aten op, and how many ops the Python code called (top-level
+aten ops, each paying the dispatcher); the profiler's own cost inflates both times a little. --compile adds our
+step under torch.compile (`generate_batch(compile=True)`, backend GPTOSS_COMPILE_BACKEND, default inductor).
 """
 
 from __future__ import annotations
@@ -45,14 +50,34 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, work:
         "ours, recompute (no cache)": lambda: generate_batch(ours, prompts, n, temperature=0, use_cache=False),
         "transformers generate": lambda: common.hf_greedy(hf, prompts, n),
     }
+    if args.compile:
+        runs["ours, KV cache, compiled step"] = lambda: generate_batch(ours, prompts, n, temperature=0, compile=True)
     if args.skip_recompute:
         del runs["ours, recompute (no cache)"]
     reference = common.hf_greedy(hf, prompts, n)
     timed = common.time_decoders(runs, args.repeats, args.max_load, args.wait_s)
     p = param_counts(cfg)
     params = f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"
-    return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params}
+    return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params,
+             "breakdown": breakdown(runs[label], n) if args.breakdown else None}
             for label, (timing, ids) in timed.items()]
+
+
+MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
+
+
+def breakdown(fn, new_tokens: int) -> tuple[float, float, float]:
+    """Per new token of one run of fn: ms in weight matmuls, ms in other aten ops (self times), top-level ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    matmul = sum(e.self_cpu_time_total for e in aten if e.key in MATMULS) / 1000
+    other = sum(e.self_cpu_time_total for e in aten if e.key not in MATMULS) / 1000
+    calls = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    return matmul / new_tokens, other / new_tokens, calls / new_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--skip_recompute", action="store_true", help="do not time the no-cache path")
+    ap.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
+    ap.add_argument("--breakdown", action="store_true", help="profile each: matmul / other op ms and ops per token")
     common.add_quiet_machine_args(ap, max_load=1.0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -87,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         tok = args.batch * args.new_tokens
         table.append([r["model"], r["params"], r["impl"], f"{tok / t.best:.1f} ({tok / t.median:.1f})",
                       f"{1000 * t.best / args.new_tokens:.2f}", "yes" if r["same"] else "NO"])
-    print(common.markdown_table(["model", "params total / active", "implementation", "new tokens/s",
-                                 "ms/step", "same tokens as transformers"], table, align="lllrrl"))
+        if args.breakdown:
+            matmul, other, calls = r["breakdown"]
+            table[-1] += [f"{matmul:.2f}", f"{other:.2f}", f"{calls:.0f}"]
+    head = ["model", "params total / active", "implementation", "new tokens/s", "ms/step",
+            "same tokens as transformers"]
+    if args.breakdown:
+        head += ["matmul ms/token", "other ops ms/token", "ops/token"]
+    print(common.markdown_table(head, table, align="lllrrl" + "rrr" * args.breakdown))
     return 0
 
 

@@ -157,19 +157,21 @@ class Attention(nn.Module):
         in order: on CPU a batch-1 matvec runs up to 2x faster than on nn.Linear's [out, in]). Copies."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t().contiguous()
         b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        self.decode_weights = (w, b, self.o_proj.weight.t().contiguous(), self.o_proj.bias)
+        sinks = self.sinks.view(1, self.n_kv, self.n_heads // self.n_kv, 1)
+        self.decode_weights = (w, b, self.o_proj.weight.t().contiguous(), self.o_proj.bias, sinks)
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, slot: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
-        """One token per row: x (B, hidden) at the position whose cos/sin (1, d/2), cache slot and mask bias
-        (`decode_bias`) are given -> (B, hidden); `sdpa`'s math, after `prepare_decode`."""
-        w_qkv, b_qkv, w_o, b_o = self.decode_weights
+        """One token per row: x (B, hidden) at the position whose cos/sin (1, 1, d/2) in x's dtype, cache slot and
+        mask bias (`decode_bias`) are given -> (B, hidden); `sdpa`'s math, after `prepare_decode`."""
+        w_qkv, b_qkv, w_o, b_o, sinks = self.decode_weights
         B, nh, nkv, d = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         qkv = torch.addmm(b_qkv, x, w_qkv).view(B, nh + 2 * nkv, d)
-        qk = apply_rotary(qkv[:, :nh + nkv], cos, sin)  # q and k heads rotated together
+        x1, x2 = qkv[:, :nh + nkv].chunk(2, dim=-1)  # q and k heads rotated together, as `apply_rotary` does
+        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         cache.write(qk[:, nh:, None], qkv[:, nh + nkv:, None], slot)
-        q = qk[:, :nh].reshape(B, nkv, nh // nkv, d)  # query head h reads kv head h // (nh / nkv)
+        q = qk[:, :nh].view(B, nkv, nh // nkv, d)  # query head h reads kv head h // (nh / nkv)
         scores = torch.add(bias, torch.matmul(q, cache.k.transpose(-1, -2)), alpha=self.scale)  # (B, nkv, g, C)
-        probs = softmax_with_sink(scores, self.sinks.view(1, nkv, nh // nkv, 1))[..., :-1]
+        probs = softmax_with_sink(scores, sinks)[..., :-1]
         out = torch.matmul(probs.to(cache.v.dtype), cache.v)  # (B, nkv, g, d)
-        return torch.addmm(b_o, out.reshape(B, nh * d), w_o)
+        return torch.addmm(b_o, out.view(B, nh * d), w_o)

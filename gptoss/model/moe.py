@@ -174,6 +174,9 @@ class MoEFeedForward(nn.Module):
     def _decode_looped(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each chosen expert once, on the rows that chose it; rows add their k results in slot order."""
         N, k = top_idx.shape
+        if N == 1:  # one row: its k experts in slot order
+            y = torch.stack([self.local_experts[e](x) for e in top_idx[0].tolist()], dim=1)
+            return (y * weights.unsqueeze(-1)).sum(dim=1)
         chosen: dict[int, tuple[list[int], list[int]]] = {}
         for i, row in enumerate(top_idx.tolist()):
             for j, e in enumerate(row):

@@ -1,8 +1,11 @@
 """Sampling from a trained model: load it (export dir or training checkpoint), then decode with KV caches.
 
-GPT-OSS decodes with one `KVCache` per layer (`model.new_caches`): the prompt is run once, then one token
-per step at `start_pos = t`. Sliding layers keep a ring buffer of W positions, full layers the whole
-sequence, so a step costs O(context) instead of re-running the prefix. The GPT-2 baseline has no cache:
+GPT-OSS decodes with one `KVCache` per layer (`model.new_caches`): the prompt is run once through `forward`,
+then one token per row and step through `model.decode_step`, which reads weights derived once per change of the
+parameters (`prepare_decode`: fused, [in, out]), writes the preallocated caches in place and runs only the chosen
+experts. Sliding layers keep a ring buffer of W positions, full layers the whole sequence, so a step costs
+O(context) instead of re-running the prefix; a row that ended leaves the batch. On CUDA the step runs compiled
+(`compiled_decode_step`: CUDA graphs over static caches and gathered experts). The GPT-2 baseline has no cache:
 each step re-runs the last `max_position_embeddings` tokens (nanoGPT's crop), which is exact within the
 trained context and slower; the same recompute path serves as the reference the cache is tested against.
 

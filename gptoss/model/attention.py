@@ -153,8 +153,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, hidden)
 
     def prepare_decode(self) -> None:
-        """The decode step's weights: q, k, v fused, and every matrix [in, out] (x @ W reads a row-major matrix
-        in order: on CPU a batch-1 matvec runs up to 2x faster than on nn.Linear's [out, in]). Copies."""
+        """The decode step's weights: q, k, v fused, and every matrix [in, out], the layout MKL's batch-1 matvec
+        reads fastest (measured 2x nn.Linear's [out, in] at nano's head and expert shapes on CPU). Copies."""
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t().contiguous()
         b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         sinks = self.sinks.view(1, self.n_kv, self.n_heads // self.n_kv, 1)

@@ -7,8 +7,9 @@ Each model is built with random weights, written with `gptoss.export.save_model`
 sides from that directory: ours with `gptoss.generate.load_model`, transformers' `GptOssForCausalLM` with
 eager attention (its sdpa path does not support sinks). Greedy decoding of a random prompt, no stop token,
 so every run produces exactly --new_tokens tokens; tokens/s counts new tokens of all rows over wall time
-including the prompt pass (best and median of --repeats after one warm-up; each timing waits for a quiet
-machine first, see bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
+including the prompt pass (best and median of --repeats after one warm-up, the implementations timed
+round-robin so a burst of load from other processes hits them alike, after a wait for a quiet machine, see
+bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
 reference. "same tokens" says whether ours equals transformers' output. Prints a markdown table with the
 command and the machine.
 
@@ -55,7 +56,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, work:
     if args.skip_recompute:
         del runs["ours, recompute (no cache)"]
     reference = common.hf_greedy(hf, prompts, n)
-    timed = common.time_decoders(runs, args.repeats, args.max_load, args.wait_s)
+    ids = {label: fn() for label, fn in runs.items()}  # the warm-up; greedy gives the same ids every call
+    common.wait_until_quiet(args.max_load, args.wait_s)
+    timings = common.interleaved_best(runs, args.repeats, warmup=0)
+    timed = {label: (timings[label], ids[label]) for label in runs}
     p = param_counts(cfg)
     params = f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"
     return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params,

@@ -17,6 +17,9 @@ command and the machine.
 weight matmuls (addmm, mm, bmm, ...), of every other aten op, and how many ops the Python code called (top-level
 aten ops, each paying the dispatcher); the profiler's own cost inflates both times a little. --compile adds our
 step under torch.compile (`generate_batch(compile=True)`, backend GPTOSS_COMPILE_BACKEND, default inductor).
+--steps times greedy decode steps alone in one process, round-robin: `forward` with caches at T = 1 (the
+general path, which the prompt pass still takes), `decode_step`, and the step's weight matmuls by themselves
+(the memory-bound floor: every active weight read once).
 """
 
 from __future__ import annotations
@@ -62,9 +65,49 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, work:
     timed = {label: (timings[label], ids[label]) for label in runs}
     p = param_counts(cfg)
     params = f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"
+    if args.steps:
+        STEP_ROWS.extend([name, label, f"{ms:.2f}"] for label, ms in
+                         step_times(ours, prompts.to(device), n, args.repeats).items())
     return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params,
              "breakdown": breakdown(runs[label], n) if args.breakdown else None}
             for label, (timing, ids) in timed.items()]
+
+
+STEP_ROWS: list[list[str]] = []  # --steps: model, path, ms/step
+
+
+def step_times(model: torch.nn.Module, prompts: torch.Tensor, n: int, repeats: int) -> dict[str, float]:
+    """Best ms per step of n greedy steps after the prompt: via forward, via decode_step, the matmuls alone."""
+    B, T = prompts.shape
+    model.prepare_decode()
+
+    @torch.no_grad()
+    def steps(via_forward: bool) -> None:
+        caches = model.new_caches(B, T + n, torch.float32, prompts.device)
+        logits = model(prompts, caches=caches).logits[:, -1]
+        position = torch.tensor([T], device=prompts.device)
+        for t in range(n):
+            nxt = logits.argmax(-1)
+            logits = (model(nxt[:, None], caches=caches, start_pos=T + t).logits[:, -1] if via_forward else
+                      model.decode_step(nxt, caches, position))
+            position += 1
+
+    @torch.no_grad()
+    def matmuls() -> None:
+        x, h = torch.randn(B, model.config.hidden_size), torch.randn(B, model.config.intermediate_size)
+        for _ in range(n):
+            for block in model.layers:
+                w_qkv, b_qkv, w_o, b_o, _ = block.self_attn.decode_weights
+                w_r, b_r, _ = block.mlp.decode_weights
+                torch.addmm(b_qkv, x, w_qkv), torch.addmm(b_o, x, w_o), torch.addmm(b_r, x, w_r)
+                for e in block.mlp.local_experts[:block.mlp.top_k]:
+                    torch.addmm(e.gate_up_proj_bias, x, e.gate_up_proj), torch.addmm(e.down_proj_bias, h, e.down_proj)
+            torch.nn.functional.linear(x, model.decode_lm_head.t())
+
+    timings = common.interleaved_best({"forward with caches, T = 1": lambda: steps(True),
+                                       "decode_step": lambda: steps(False), "its weight matmuls alone": matmuls},
+                                      repeats)
+    return {label: 1000 * t.best / n for label, t in timings.items()}
 
 
 MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
@@ -97,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip_recompute", action="store_true", help="do not time the no-cache path")
     ap.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
     ap.add_argument("--breakdown", action="store_true", help="profile each: matmul / other op ms and ops per token")
+    ap.add_argument("--steps", action="store_true", help="time the step alone: via forward, decode_step, matmuls")
     common.add_quiet_machine_args(ap, max_load=1.0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -126,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown:
         head += ["matmul ms/token", "other ops ms/token", "ops/token"]
     print(common.markdown_table(head, table, align="lllrrl" + "rrr" * args.breakdown))
+    if STEP_ROWS:
+        print(f"\nThe step alone (best of {args.repeats}, round-robin):\n")
+        print(common.markdown_table(["model", "greedy step", "ms/step"], STEP_ROWS, align="llr"))
     return 0
 
 

@@ -147,7 +147,7 @@ STAGES: list[tuple[str, Callable[[Check], None], float]] = [
     ("train", train_default, 60), ("train variants", train_variants, 60), ("transformers step", peer_step, 30),
     ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
 ]
-STAGES.append(("decode speed", decode_speed, 60))
+STAGES.append(("decode speed", decode_speed, 120))
 
 
 def main() -> int:

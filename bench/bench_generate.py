@@ -7,10 +7,19 @@ Each model is built with random weights, written with `gptoss.export.save_model`
 sides from that directory: ours with `gptoss.generate.load_model`, transformers' `GptOssForCausalLM` with
 eager attention (its sdpa path does not support sinks). Greedy decoding of a random prompt, no stop token,
 so every run produces exactly --new_tokens tokens; tokens/s counts new tokens of all rows over wall time
-including the prompt pass (best and median of --repeats after one warm-up; each timing waits for a quiet
-machine first, see bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
+including the prompt pass (best and median of --repeats after one warm-up, the implementations timed
+round-robin so a burst of load from other processes hits them alike, after a wait for a quiet machine, see
+bench/common.py). Our recompute-everything path (what GPT-2 uses) is shown as the no-cache
 reference. "same tokens" says whether ours equals transformers' output. Prints a markdown table with the
 command and the machine.
+
+--breakdown profiles one more run of each (torch.profiler, CPU) and adds per new token: the self time of the
+weight matmuls (addmm, mm, bmm, ...), of every other aten op, and how many ops the Python code called (top-level
+aten ops, each paying the dispatcher); the profiler's own cost inflates both times a little. --compile adds our
+step under torch.compile (`generate_batch(compile=True)`, backend GPTOSS_COMPILE_BACKEND, default inductor).
+--steps times greedy decode steps alone in one process, round-robin: `forward` with caches at T = 1 (the
+general path, which the prompt pass still takes), `decode_step`, and the step's weight matmuls by themselves
+(the memory-bound floor: every active weight read once).
 """
 
 from __future__ import annotations
@@ -45,14 +54,77 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, work:
         "ours, recompute (no cache)": lambda: generate_batch(ours, prompts, n, temperature=0, use_cache=False),
         "transformers generate": lambda: common.hf_greedy(hf, prompts, n),
     }
+    if args.compile:
+        runs["ours, KV cache, compiled step"] = lambda: generate_batch(ours, prompts, n, temperature=0, compile=True)
     if args.skip_recompute:
         del runs["ours, recompute (no cache)"]
     reference = common.hf_greedy(hf, prompts, n)
-    timed = common.time_decoders(runs, args.repeats, args.max_load, args.wait_s)
+    ids = {label: fn() for label, fn in runs.items()}  # the warm-up; greedy gives the same ids every call
+    common.wait_until_quiet(args.max_load, args.wait_s)
+    timings = common.interleaved_best(runs, args.repeats, warmup=0)
+    timed = {label: (timings[label], ids[label]) for label in runs}
     p = param_counts(cfg)
     params = f"{p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M"
-    return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params}
+    if args.steps:
+        STEP_ROWS.extend([name, label, f"{ms:.2f}"] for label, ms in
+                         step_times(ours, prompts.to(device), n, args.repeats).items())
+    return [{"model": name, "impl": label, "timing": timing, "same": ids == reference, "params": params,
+             "breakdown": breakdown(runs[label], n) if args.breakdown else None}
             for label, (timing, ids) in timed.items()]
+
+
+STEP_ROWS: list[list[str]] = []  # --steps: model, path, ms/step
+
+
+def step_times(model: torch.nn.Module, prompts: torch.Tensor, n: int, repeats: int) -> dict[str, float]:
+    """Best ms per step of n greedy steps after the prompt: via forward, via decode_step, the matmuls alone."""
+    B, T = prompts.shape
+    model.prepare_decode()
+
+    @torch.no_grad()
+    def steps(via_forward: bool) -> None:
+        caches = model.new_caches(B, T + n, torch.float32, prompts.device)
+        logits = model(prompts, caches=caches).logits[:, -1]
+        position = torch.tensor([T], device=prompts.device)
+        for t in range(n):
+            nxt = logits.argmax(-1)
+            logits = (model(nxt[:, None], caches=caches, start_pos=T + t).logits[:, -1] if via_forward else
+                      model.decode_step(nxt, caches, position))
+            position += 1
+
+    @torch.no_grad()
+    def matmuls() -> None:
+        x, h = torch.randn(B, model.config.hidden_size), torch.randn(B, model.config.intermediate_size)
+        for _ in range(n):
+            for block in model.layers:
+                w_qkv, b_qkv, w_o, b_o, _ = block.self_attn.decode_weights
+                w_r, b_r, _ = block.mlp.decode_weights
+                torch.addmm(b_qkv, x, w_qkv), torch.addmm(b_o, x, w_o), torch.addmm(b_r, x, w_r)
+                for e in block.mlp.local_experts[:block.mlp.top_k]:
+                    torch.addmm(e.gate_up_proj_bias, x, e.gate_up_proj), torch.addmm(e.down_proj_bias, h, e.down_proj)
+            torch.nn.functional.linear(x, model.decode_lm_head.t())
+
+    timings = common.interleaved_best({"forward with caches, T = 1": lambda: steps(True),
+                                       "decode_step": lambda: steps(False), "its weight matmuls alone": matmuls},
+                                      repeats)
+    return {label: 1000 * t.best / n for label, t in timings.items()}
+
+
+MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv", "aten::dot"}
+
+
+def breakdown(fn, new_tokens: int) -> tuple[float, float, float]:
+    """Per new token of one run of fn: ms in weight matmuls, ms in other aten ops (self times), top-level ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    matmul = sum(e.self_cpu_time_total for e in aten if e.key in MATMULS) / 1000
+    other = sum(e.self_cpu_time_total for e in aten if e.key not in MATMULS) / 1000
+    calls = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    return matmul / new_tokens, other / new_tokens, calls / new_tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--skip_recompute", action="store_true", help="do not time the no-cache path")
+    ap.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
+    ap.add_argument("--breakdown", action="store_true", help="profile each: matmul / other op ms and ops per token")
+    ap.add_argument("--steps", action="store_true", help="time the step alone: via forward, decode_step, matmuls")
     common.add_quiet_machine_args(ap, max_load=1.0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -87,8 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         tok = args.batch * args.new_tokens
         table.append([r["model"], r["params"], r["impl"], f"{tok / t.best:.1f} ({tok / t.median:.1f})",
                       f"{1000 * t.best / args.new_tokens:.2f}", "yes" if r["same"] else "NO"])
-    print(common.markdown_table(["model", "params total / active", "implementation", "new tokens/s",
-                                 "ms/step", "same tokens as transformers"], table, align="lllrrl"))
+        if args.breakdown:
+            matmul, other, calls = r["breakdown"]
+            table[-1] += [f"{matmul:.2f}", f"{other:.2f}", f"{calls:.0f}"]
+    head = ["model", "params total / active", "implementation", "new tokens/s", "ms/step",
+            "same tokens as transformers"]
+    if args.breakdown:
+        head += ["matmul ms/token", "other ops ms/token", "ops/token"]
+    print(common.markdown_table(head, table, align="lllrrl" + "rrr" * args.breakdown))
+    if STEP_ROWS:
+        print(f"\nThe step alone (best of {args.repeats}, round-robin):\n")
+        print(common.markdown_table(["model", "greedy step", "ms/step"], STEP_ROWS, align="llr"))
     return 0
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import common
+from gpu_check_decode import decode_speed
 from gpu_check_harness import DRY, GPU, KIT, PROMPT, Check, free_memory, need
 from gpu_check_kernels import attention_parity, loss_parity
 from gpu_check_platform import device_choice, expert_gating
@@ -152,6 +153,7 @@ STAGES: list[tuple[str, Callable[[Check], None], float]] = [
     ("train", train_default, 60), ("resume", resume, 40), ("train variants", train_variants, 90),
     ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
 ]
+STAGES.append(("decode speed", decode_speed, 120))
 
 
 def main() -> int:

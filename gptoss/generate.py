@@ -1,8 +1,11 @@
 """Sampling from a trained model: load it (export dir or training checkpoint), then decode with KV caches.
 
-GPT-OSS decodes with one `KVCache` per layer (`model.new_caches`): the prompt is run once, then one token
-per step at `start_pos = t`. Sliding layers keep a ring buffer of W positions, full layers the whole
-sequence, so a step costs O(context) instead of re-running the prefix. The GPT-2 baseline has no cache:
+GPT-OSS decodes with one `KVCache` per layer (`model.new_caches`): the prompt is run once through `forward`,
+then one token per row and step through `model.decode_step`, which reads weights derived once per change of the
+parameters (`prepare_decode`: fused, [in, out]), writes the preallocated caches in place and runs only the chosen
+experts. Sliding layers keep a ring buffer of W positions, full layers the whole sequence, so a step costs
+O(context) instead of re-running the prefix; a row that ended leaves the batch. On CUDA the step runs compiled
+(`compiled_decode_step`: CUDA graphs over static caches and gathered experts). The GPT-2 baseline has no cache:
 each step re-runs the last `max_position_embeddings` tokens (nanoGPT's crop), which is exact within the
 trained context and slower; the same recompute path serves as the reference the cache is tested against.
 
@@ -149,59 +152,129 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 def generate(model: nn.Module, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_ids: Sequence[int] = (),
-             on_token: Callable[[int], None] | None = None, use_cache: bool = True) -> list[int]:
+             on_token: Callable[[int], None] | None = None, use_cache: bool = True,
+             compile: bool | None = None) -> list[int]:
     """New token ids after `prompt_ids` (one sequence), ending with a stop id if one was produced.
 
     `on_token` is called with each new id as soon as it is sampled (for streaming output).
     """
     return generate_batch(model, torch.as_tensor(prompt_ids).reshape(1, -1), max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
-                          use_cache=use_cache, on_token=(lambda _row, t: on_token(t)) if on_token else None)[0]
+                          use_cache=use_cache, compile=compile,
+                          on_token=(lambda _row, t: on_token(t)) if on_token else None)[0]
 
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    stop_ids: Sequence[int] = (), use_cache: bool = True,
-                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                   on_token: Callable[[int, int], None] | None = None, compile: bool | None = None
+                   ) -> list[list[int]]:
     """New ids per row for equal-length prompts (B, T), row i what `generate` gives with seed + i. A row ends
     at its first stop id (kept) and emits nothing after it; decoding ends when every row has.
     `on_token(row, id)` is called with each id a row keeps, as soon as it is sampled.
 
-    `use_cache=False` recomputes the whole sequence each step (the reference; the only path for GPT-2).
+    With caches the prompt runs through `forward` once, then each token through `decode_step`; a row that ended
+    leaves the batch (its cache rows are dropped), except under `compile`, whose graph keeps its shapes. `compile`
+    (None: on CUDA) runs the step through torch.compile (`compiled_decode_step`). `use_cache=False` recomputes
+    the whole sequence each step (the reference; the only path for GPT-2).
     """
     if prompts.dim() != 2 or prompts.shape[1] == 0:
         raise ValueError(f"prompts must be (batch, length >= 1), got shape {tuple(prompts.shape)}")
     param = next(model.parameters())
     seq, batch = prompts.to(param.device), prompts.shape[0]
     generators = None if seed is None else [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-    cached = use_cache and hasattr(model, "new_caches")  # GPT-2 decodes by recomputing
-    caches = model.new_caches(batch, seq.shape[1] + max_new_tokens, param.dtype, param.device) if cached else None
+    cached = use_cache and hasattr(model, "decode_step")  # GPT-2 decodes by recomputing
+    compile = cached and (param.device.type == "cuda" if compile is None else compile)
     limit = getattr(model.config, "max_position_embeddings", None)
     crop = -limit if model.config.arch == "gpt2" and limit else 0
     stops = set(stop_ids)
     rows: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    step, fed = seq, 0  # with caches: the tokens not yet in them, and how many are
-    for _ in range(max_new_tokens):
-        if cached:
-            logits = model(step, caches=caches, start_pos=fed).logits[:, -1]
-            fed += step.shape[1]
-        else:
-            logits = model(seq[:, crop:]).logits[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generators)
-        step = nxt[:, None]
-        if not cached:  # only the recompute path re-reads the whole sequence
-            seq = torch.cat([seq, step], dim=1)
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                rows[i].append(t)
-                done[i] = t in stops
-                if on_token is not None:
-                    on_token(i, t)
-        if all(done):
+    active = list(range(batch))  # the rows still in the batch, in batch order
+    if cached:
+        model.prepare_decode(stacked_experts=compile)
+        caches = (static_caches(model, batch, seq.shape[1] + max_new_tokens) if compile else
+                  model.new_caches(batch, seq.shape[1] + max_new_tokens, param.dtype, param.device))
+        step = compiled_decode_step(model) if compile else model.decode_step
+        logits = model(seq, caches=caches).logits[:, -1]  # the prompt, once
+        position = torch.tensor([seq.shape[1]], device=param.device)
+    else:
+        logits = model(seq[:, crop:]).logits[:, -1]
+    for n in range(max_new_tokens):
+        row_generators = None if generators is None else [generators[i] for i in active]
+        nxt = sample_next(logits, temperature, top_k, top_p, row_generators)
+        ended = []
+        for j, t in enumerate(nxt.tolist()):
+            i = active[j]
+            if rows[i] and rows[i][-1] in stops:
+                continue  # ended earlier but kept in a compiled batch
+            rows[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            if t in stops:
+                ended.append(j)
+        if n == max_new_tokens - 1 or all(r and r[-1] in stops for r in rows):
             break
+        if ended and not compile:  # finished rows leave the batch
+            keep = torch.tensor([j for j in range(len(active)) if j not in ended], device=param.device)
+            active = [active[j] for j in keep.tolist()]
+            nxt, seq = nxt[keep], seq[keep]
+            for cache in caches if cached else ():
+                cache.select(keep)
+        if cached:
+            if compile and param.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are no longer read
+            logits = step(nxt, caches, position)
+            position += 1
+        else:  # only the recompute path re-reads the whole sequence
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            logits = model(seq[:, crop:]).logits[:, -1]
     return rows
+
+
+def compiled_decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """The model's `decode_step` under torch.compile, once per model: whole graph, static shapes; on CUDA
+    mode "reduce-overhead" (CUDA graphs: a step is one graph replay, no per-op launch cost), elsewhere the
+    backend GPTOSS_COMPILE_BACKEND names (inductor by default). The MoE gathers its chosen experts' weights
+    (`MoEFeedForward.decode`); the weights and caches it reads keep their addresses (`static_caches`)."""
+    step = model.__dict__.get("_compiled_decode_step")
+    if step is None:
+        backend = os.environ.get("GPTOSS_COMPILE_BACKEND", "inductor")
+        cuda = next(model.parameters()).is_cuda
+        mode = "reduce-overhead" if cuda and backend == "inductor" else None
+        step = torch.compile(model.decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        model.__dict__["_compiled_decode_step"] = step
+    if next(model.parameters()).is_cuda:  # derived weights are no parameters: say they stay put
+        for t in _derived_weights(model):
+            torch._dynamo.mark_static_address(t)
+    return step
+
+
+def _derived_weights(model: nn.Module) -> list[torch.Tensor]:
+    out = [model.decode_lm_head]
+    for block in model.layers:
+        out += block.self_attn.decode_weights
+        w, b, stacked = block.mlp.decode_weights
+        out += [w, b, *stacked.values()]
+    return out
+
+
+def static_caches(model: nn.Module, batch: int, max_len: int) -> list:
+    """Caches for the compiled step, kept on the model and reused by later calls with the same shapes (full
+    layers' capacity rounded up to 256 positions), so a new call neither recompiles nor re-records a graph."""
+    param = next(model.parameters())
+    capacity = -(-max_len // 256) * 256
+    key = (batch, capacity, param.dtype, param.device)
+    pool = model.__dict__.setdefault("_static_caches", {})
+    if key not in pool:
+        pool[key] = model.new_caches(batch, capacity, param.dtype, param.device)
+        if param.is_cuda:
+            for cache in pool[key]:
+                for t in (cache.k, cache.v, cache.pos):
+                    torch._dynamo.mark_static_address(t)
+    for cache in pool[key]:
+        cache.pos.fill_(-1)  # empty: stale keys are masked out
+    return pool[key]
 
 
 # ---- text in, text out (the CLI) -------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 `sdpa` is the reference math as one pure function (openai/gpt-oss `sdpa`): scores `q k^T / sqrt(d)`, the
 mask, and one learned logit per query head appended as an extra column before the softmax and dropped after,
 `p_ij = exp(s_ij) / (exp(sink_h) + sum_k exp(s_ik))`. Training runs the kernel chosen when the model was
-built (`gptoss.model.kernels.attention`, each equal to `sdpa`); decoding with a KV cache runs `sdpa` itself.
+built (`gptoss.model.kernels.attention`, each equal to `sdpa`); a prompt pass with a KV cache runs `sdpa`
+itself, and one-token decode steps `Attention.decode`: the same math on the preallocated cache in place (no
+concatenation, no repeated kv heads), with q, k, v fused into one matmul.
 Shapes: q (B, n_heads, T, d); k, v (B, n_kv, T, d); query head h reads kv head h // (n_heads / n_kv).
 """
 
@@ -63,7 +65,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
 
 class KVCache:
     """Keys and values of one layer for generation: full layers keep every position, sliding layers a
-    ring buffer of their last W positions, so their memory stays constant in the generated length."""
+    ring buffer of their last W positions, so their memory stays constant in the generated length.
+    Preallocated: a decode step writes one slot in place (`advance`, `write`), so its shapes never change."""
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, capacity: int, *, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -84,6 +87,31 @@ class KVCache:
         self.v[:, :, slots] = v[:, :, keep]
         self.pos[slots] = positions[keep]
         return keys, values, k_pos
+
+    def advance(self, position: torch.Tensor) -> torch.Tensor:
+        """Claim the slot of `position` (a (1,) long tensor on the cache's device) for a decode step: (1,)."""
+        slot = position % self.capacity
+        self.pos.index_copy_(0, slot, position)
+        return slot
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
+        """Store one step's keys and values (B, n_kv, 1, d) at `slot` (from `advance`)."""
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (finished rows leave the batch; positions are shared by every row)."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
+
+def decode_bias(pos: torch.Tensor, position: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(capacity,) additive mask of one decode step: 0 where the query at `position` sees the slot's key (filled,
+    inside the window; `advance` already wrote `position`), -inf elsewhere. The same for every layer of a kind."""
+    allowed = pos >= 0
+    if window is not None:
+        allowed &= position - pos < window
+    return torch.zeros(pos.shape, dtype=torch.float32, device=pos.device).masked_fill_(~allowed, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -123,3 +151,27 @@ class Attention(nn.Module):
         else:
             out = self.kernel(q, k, v, self.sinks, self.scale, self.window, segments)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, hidden)
+
+    def prepare_decode(self) -> None:
+        """The decode step's weights: q, k, v fused, and every matrix [in, out], the layout MKL's batch-1 matvec
+        reads fastest (measured 2x nn.Linear's [out, in] at nano's head and expert shapes on CPU). Copies."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t().contiguous()
+        b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        sinks = self.sinks.view(1, self.n_kv, self.n_heads // self.n_kv, 1)
+        self.decode_weights = (w, b, self.o_proj.weight.t().contiguous(), self.o_proj.bias, sinks)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, slot: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+        """One token per row: x (B, hidden) at the position whose cos/sin (1, 1, d/2) in x's dtype, cache slot and
+        mask bias (`decode_bias`) are given -> (B, hidden); `sdpa`'s math, after `prepare_decode`."""
+        w_qkv, b_qkv, w_o, b_o, sinks = self.decode_weights
+        B, nh, nkv, d = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = torch.addmm(b_qkv, x, w_qkv).view(B, nh + 2 * nkv, d)
+        x1, x2 = qkv[:, :nh + nkv].chunk(2, dim=-1)  # q and k heads rotated together, as `apply_rotary` does
+        qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        cache.write(qk[:, nh:, None], qkv[:, nh + nkv:, None], slot)
+        q = qk[:, :nh].view(B, nkv, nh // nkv, d)  # query head h reads kv head h // (nh / nkv)
+        scores = torch.add(bias, torch.matmul(q, cache.k.transpose(-1, -2)), alpha=self.scale)  # (B, nkv, g, C)
+        probs = softmax_with_sink(scores, sinks)[..., :-1]
+        out = torch.matmul(probs.to(cache.v.dtype), cache.v)  # (B, nkv, g, d)
+        return torch.addmm(b_o, out.view(B, nh * d), w_o)

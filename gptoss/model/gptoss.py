@@ -24,12 +24,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gptoss.config import ModelConfig
-from gptoss.model.attention import Attention, KVCache
+from gptoss.model.attention import Attention, KVCache, decode_bias
 from gptoss.model.head import VocabHead
 from gptoss.model.kernels.attention import ATTENTION_KERNELS, Segments, prepare_segments
 from gptoss.model.layers import RMSNorm, RotaryEmbedding
 from gptoss.model.moe import init_experts, moe_layer
 from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
+
+
+def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` as one op where both are fp32 (torch.rms_norm: the same ops in the same order, bit-identical)."""
+    if x.dtype == norm.weight.dtype == torch.float32:
+        return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
 
 
 @dataclass
@@ -108,6 +115,35 @@ class GptOss(nn.Module):
         return [KVCache(batch, c.num_key_value_heads, c.head_dim,
                         min(max_len, c.sliding_window) if block.self_attn.window else max_len,
                         dtype=dtype, device=device) for block in self.layers]
+
+    def prepare_decode(self, stacked_experts: bool = False) -> None:
+        """Derive the weights `decode_step` reads (fused, [in, out]; `MoEFeedForward.prepare_decode`) from the
+        parameters, again only after one changed (replaced or modified in place: data pointer or version)."""
+        key = (stacked_experts, *((p.data_ptr(), p._version) for p in self.parameters()))
+        if self.__dict__.get("_decode_key") == key:
+            return
+        for block in self.layers:
+            block.self_attn.prepare_decode()
+            block.mlp.prepare_decode(stacked_experts)
+        self.decode_lm_head = self.lm_head.weight.t().contiguous()  # read as .t(): F.linear then runs x @ W
+        self.__dict__["_decode_key"] = key
+
+    def decode_step(self, tokens: torch.Tensor, caches: list[KVCache], position: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab_size) of one new token per row, tokens (B,) at `position` ((1,) long tensor on the
+        model's device), appended to `caches` in place: `forward`'s math for T = 1 without its training
+        plumbing, fixed shapes and no host sync but the eager MoE's (see `prepare_decode`)."""
+        cos, sin = (t.to(self.decode_lm_head.dtype).view(1, 1, -1) for t in self.rotary(position))
+        x = self.embed_tokens(self.head.rows(tokens))  # (B, hidden)
+        kinds: dict[tuple[int, int | None], torch.Tensor] = {}  # one mask per cache kind
+        for block, cache in zip(self.layers, caches):
+            attn = block.self_attn
+            slot = cache.advance(position)
+            if (cache.capacity, attn.window) not in kinds:
+                kinds[cache.capacity, attn.window] = decode_bias(cache.pos, position, attn.window)
+            x = x + attn.decode(rms_norm(block.input_layernorm, x), cos, sin, cache, slot,
+                                kinds[cache.capacity, attn.window])
+            x = x + block.mlp.decode(rms_norm(block.post_attention_layernorm, x))
+        return self.head.logits(rms_norm(self.norm, x), self.decode_lm_head.t())
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, start_pos: int = 0, *, eot_id: int | None = None) -> ModelOutput:

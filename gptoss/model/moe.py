@@ -13,6 +13,10 @@ top-k) is not GPT-OSS semantics, so routing and dispatch are ours:
 With ep_size = 1 the same code runs without communication. Rank r of an expert-parallel group holds
 global experts [r * E_local, (r + 1) * E_local) (DeepSpeed's consecutive group layout). The local experts
 run through `gptoss.model.kernels.experts` (a loop, grouped GEMM on Hopper, masked dense under compile).
+
+Decoding (`MoEFeedForward.decode`, a few rows, no gradients, ep_size 1) skips the sort and dispatch and touches
+only the chosen experts' weights: eagerly a loop over the experts some row chose (one host sync, free on CPU),
+under torch.compile (CUDA graphs) a gather of their rows from stacked weights, with static shapes.
 """
 
 from __future__ import annotations
@@ -146,6 +150,56 @@ class MoEFeedForward(nn.Module):
         y = torch.empty_like(sorted_y).index_copy_(0, order, sorted_y)  # back to (token, slot) order
         y = (y.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
         return MoEOutput(y.view(shape), aux_loss, counts.detach())
+
+    def prepare_decode(self, stacked: bool) -> None:
+        """The decode step's weights: the router [in, out]; with `stacked`, every expert parameter stacked
+        (E, ...) for the gather path (a copy of the experts: compiled decoding only)."""
+        experts = self.local_experts
+        params = {n: torch.stack([getattr(m, n) for m in experts]) for n in EXPERT_PARAMS} if stacked else None
+        self.decode_weights = (self.router.weight.t().contiguous(), self.router.bias, params)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for rows x (N, H) of a decode step, after `prepare_decode`; no aux loss or counts."""
+        if self.ep_size != 1:
+            raise RuntimeError("decoding runs with ep_size 1 (load the model with gptoss.generate.load_model)")
+        w_router, b_router, stacked = self.decode_weights
+        top_logits, top_idx = torch.topk(torch.addmm(b_router, x, w_router), self.top_k, dim=-1, sorted=True)
+        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)  # (N, k)
+        if torch.compiler.is_compiling():
+            if stacked is None:
+                raise RuntimeError("compiled decoding needs prepare_decode(stacked=True)")
+            return self._decode_gathered(x, top_idx, weights, stacked)
+        return self._decode_looped(x, top_idx, weights)
+
+    def _decode_looped(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each chosen expert once, on the rows that chose it; rows add their k results in slot order."""
+        N, k = top_idx.shape
+        if N == 1:  # one row: its k experts in slot order
+            y = torch.stack([self.local_experts[e](x) for e in top_idx[0].tolist()], dim=1)
+            return (y * weights.unsqueeze(-1)).sum(dim=1)
+        chosen: dict[int, tuple[list[int], list[int]]] = {}
+        for i, row in enumerate(top_idx.tolist()):
+            for j, e in enumerate(row):
+                rows, slots = chosen.setdefault(e, ([], []))
+                rows.append(i)
+                slots.append(j)
+        y = x.new_zeros(N, k, x.shape[-1])
+        for e, (rows, slots) in chosen.items():
+            r, s = torch.tensor(rows, device=x.device), torch.tensor(slots, device=x.device)
+            y[r, s] = self.local_experts[e](x if len(rows) == N else x[r])  # a row chooses an expert once
+        return (y * weights.unsqueeze(-1)).sum(dim=1)
+
+    def _decode_gathered(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor,
+                         stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every (row, slot) through its expert's gathered weights in one batched matmul each: static shapes."""
+        N, k = top_idx.shape
+        e = top_idx.flatten()  # (N*k,)
+        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (N*k, 1, H)
+        h = torch.baddbmm(stacked["gate_up_proj_bias"][e].unsqueeze(1), rows, stacked["gate_up_proj"][e])
+        first = self.local_experts[0]
+        h = clamped_swiglu(h, first.alpha, first.limit)
+        y = torch.baddbmm(stacked["down_proj_bias"][e].unsqueeze(1), h, stacked["down_proj"][e])  # (N*k, 1, H)
+        return (y.view(N, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
     def _run_local_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x holds rows grouped by local expert, `counts[e]` rows for local expert e."""

@@ -1,4 +1,5 @@
-"""Sampling: KV-cached decoding equals recomputation, seeds, top-k/top-p, streaming text, the CLI."""
+"""Sampling: KV-cached decoding equals recomputation, the decode step equals the forward pass, finished rows leave
+the batch, the compiled step, seeds, top-k/top-p, streaming text, the CLI."""
 
 from __future__ import annotations
 
@@ -129,6 +130,102 @@ def test_gpt2_recomputes_and_crops_to_its_context():
     model = build_model(get_config("gpt2-tiny", vocab_size=VOCAB, max_position_embeddings=16)).eval()
     out = generate(model, prompt(10), 20, temperature=0)  # 30 tokens > 16 positions: cropped, no error
     assert len(out) == 20
+
+
+# ---- the decode step -------------------------------------------------------------------------------------
+
+def test_decode_step_logits_match_forward_with_and_without_caches():
+    """Step by step past the window (the ring buffer wraps), batch 2: `decode_step` against `forward` on the same
+    caches (prompt pass + sdpa) and against recomputing the whole sequence; within float rounding."""
+    model = tiny_model(8)
+    model.prepare_decode()
+    window, batch = model.config.sliding_window, 2
+    seq = prompt(6, seed=8, batch=batch)
+    fast, ref = model.new_caches(batch, 60, torch.float32, "cpu"), model.new_caches(batch, 60, torch.float32, "cpu")
+    with torch.no_grad():
+        model(seq, caches=fast)
+        model(seq, caches=ref)
+        for t in range(seq.shape[1], seq.shape[1] + 2 * window + 3):
+            tokens = prompt(1, seed=t, batch=batch)
+            got = model.decode_step(tokens[:, 0], fast, torch.tensor([t]))
+            via_forward = model(tokens, caches=ref, start_pos=t).logits[:, -1]
+            seq = torch.cat([seq, tokens], dim=1)
+            recomputed = model(seq).logits[:, -1]
+            torch.testing.assert_close(got, via_forward, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, recomputed, rtol=1e-4, atol=1e-4)
+    assert got.abs().max() > 1  # logits of a size where the tolerance is tight
+
+
+def test_decode_experts_looped_and_gathered_equal_the_layer():
+    """The MoE's decode paths (the chosen experts looped; their weights gathered, for compile) against its
+    training forward, on rows choosing overlapping experts."""
+    model = tiny_model(9)
+    moe = model.layers[0].mlp
+    moe.prepare_decode(stacked=True)
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = moe(x).hidden
+        looped = moe._decode_looped(x, *_routes(moe, x))
+        gathered = moe._decode_gathered(x, *_routes(moe, x), moe.decode_weights[2])
+        eager = moe.decode(x)
+    assert len(set(_routes(moe, x)[0].flatten().tolist())) > 2  # several experts in use
+    for got in (looped, gathered, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _routes(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, top_idx, weights = moe.route(x)
+    return top_idx, weights
+
+
+def test_finished_rows_leave_the_batch():
+    """Rows stopping at their own stop id stop being computed: each decode step runs only the unfinished rows,
+    and every row is still what its single run gives."""
+    model = tiny_model(10)
+    p = prompt(4, seed=10, batch=4)
+    free = generate_batch(model, p, 20, temperature=0)
+    stop = max(sorted(set(sum(free, []))), key=lambda t: len({r.index(t) if t in r else -1 for r in free}))
+    sizes: list[int] = []
+    step = model.decode_step
+    model.decode_step = lambda tokens, *a: (sizes.append(tokens.shape[0]), step(tokens, *a))[1]
+    rows = generate_batch(model, p, 20, temperature=0, stop_ids=[stop])
+    del model.decode_step
+    assert rows == [generate(model, p[i], 20, temperature=0, stop_ids=[stop]) for i in range(4)]
+    ends = sorted(len(r) for r in rows if r[-1] == stop)
+    assert len(ends) >= 2  # the case under test
+    assert sizes == [sum(len(r) > n for r in rows) for n in range(1, len(sizes) + 1)]  # live rows per step
+    assert sizes[-1] < 4
+
+
+def test_compiled_step_equals_eager(monkeypatch):
+    """generate's compiled step (whole graph, static shapes: gathered experts, fixed-size caches, rows kept)
+    gives the eager tokens, sampled with seeds too; a second call with the same shapes reuses its graph."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("GPTOSS_COMPILE_BACKEND", "eager")  # tracing under test, not inductor's code generation
+    model = tiny_model(11)
+    p = prompt(5, seed=11, batch=3)
+    kw = dict(temperature=1.0, top_k=50, seed=4)
+    eager = generate_batch(model, p, 30, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    assert generate_batch(model, p, 30, compile=True, **kw) == eager
+    assert generate_batch(model, p, 30, temperature=0, compile=True) == generate_batch(model, p, 30, temperature=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    stop = eager[1][3]
+    assert (generate_batch(model, p, 30, stop_ids=[stop], compile=True, **kw) ==
+            generate_batch(model, p, 30, stop_ids=[stop], **kw))
+
+
+def test_decode_weights_follow_parameter_changes():
+    """The step's derived weights are rebuilt after an in-place change of a parameter."""
+    model = tiny_model(12)
+    p = prompt(4, seed=12)
+    before = generate(model, p, 10, temperature=0)
+    with torch.no_grad():
+        model.lm_head.weight[before[1]] *= -1  # a token of a decode step
+    after = generate(model, p, 10, temperature=0)
+    assert after != before and after == generate(model, p, 10, temperature=0, use_cache=False)
 
 
 # ---- filtering and sampling ------------------------------------------------------------------------------

@@ -23,11 +23,14 @@ Prints one markdown table (and writes it to --out), one or more rows per stage:
                launch/train.py --ds_config a40.json --vocab data` (story-aware attention, the default; a warmup
                that fits the few steps), a checkpoint halfway and at the end: time to first step, tokens/s, MFU,
                peak memory; then `--resume` from the halfway checkpoint, its losses against the uninterrupted
-               run's; again with --compile (tokens/s against eager; inductor, or aot_eager in a dry run) and with
-               --activation_checkpointing
+               run's
+  export       the run exported, loaded by transformers, greedy tokens equal to our sampler's; one sampled story
+  decode       our decode step, eager and compiled (CUDA graphs), against transformers' generate on one export:
+               tokens/s, tokens equal (bench/gpu_check_decode.py)
   peer         the same model (our data vocabulary) and batch as a transformers GptOssForCausalLM training step:
                tokens/s ratio
-  export       the run exported, loaded by transformers, greedy tokens equal to our sampler's; one sampled story
+  variants     the main run again with --compile (tokens/s against eager; inductor, or aot_eager in a dry run)
+               and with --activation_checkpointing
 
 A stage that fails gives a FAIL row and the others still run; exit status 1 if any row failed, 2 without CUDA
 (unless --dry_run). Stages that would overrun --budget_s are skipped with a row saying so. Fill gpu_kit/ first,
@@ -146,14 +149,15 @@ def story(ck: Check) -> None:
            f"temperature 0.8, top-k 200, seed 0, after {ck.sizes.steps} steps: {text[:600]}")
 
 
-# (name, stage, seconds it needs on the GPU: skipped with less left of --budget_s); one line adds a stage
+# (name, stage, seconds it needs on the GPU: skipped with less left of --budget_s); one line adds a stage. What
+# users run first (train, resume, export, sampling), the comparisons with other settings and peers last.
 STAGES: list[tuple[str, Callable[[Check], None], float]] = [
     ("environment", environment, 0), ("attention parity", attention_parity, 60), ("head loss", loss_parity, 40),
     ("device choice", device_choice, 20), ("expert kernels", expert_gating, 15), ("data", prepare_data, 15),
-    ("train", train_default, 60), ("resume", resume, 40), ("train variants", train_variants, 90),
-    ("transformers step", peer_step, 30), ("export + greedy", export_and_greedy, 20), ("sampled story", story, 5),
+    ("train", train_default, 60), ("resume", resume, 40), ("export + greedy", export_and_greedy, 20),
+    ("sampled story", story, 5), ("decode speed", decode_speed, 120), ("transformers step", peer_step, 30),
+    ("train variants", train_variants, 90),
 ]
-STAGES.append(("decode speed", decode_speed, 120))
 
 
 def main() -> int:

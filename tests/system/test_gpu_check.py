@@ -23,9 +23,10 @@ ROWS = [  # (start of the check column, what its result must start with; None: a
     ("tiny, a40.json: time to first step", None), ("tiny, a40.json: tokens/s", None),
     ("tiny, a40.json: MFU", "n/a"), ("tiny, a40.json: peak memory", "n/a on CPU"),
     ("--resume from the halfway checkpoint", "ok: steps 3-4 again"),
-    ("--compile: tokens/s", None), ("--activation_checkpointing: tokens/s, peak memory", None),
-    ("transformers GptOssForCausalLM step, same model and batch", None),
     ("export + transformers greedy", "ok: 12/12 tokens equal"), ("sampled story", None),
+    ("decode eager step vs transformers", None), ("decode compiled step vs transformers", None),
+    ("transformers GptOssForCausalLM step, same model and batch", None),
+    ("--compile: tokens/s", None), ("--activation_checkpointing: tokens/s, peak memory", None),
 ]
 
 

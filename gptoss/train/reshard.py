@@ -6,6 +6,8 @@ checkpoint skips native MoE experts. Every rank therefore rebuilds, from the old
 layout would have saved for it (its fp32 master partition and the base optimizer's state tensors of the same
 length, each parameter's fragment placed where DeepSpeed's own mapping puts it; the step and hyperparameters as
 saved) and hands it to DeepSpeed's ordinary loader. Nothing is written: the checkpoint read stays as it is.
+It reads DeepSpeedZeroOptimizer's layout (`bit16_groups`, each parameter's `_hp_mapping`, `param_names`,
+`single_partition_of_fp32_groups`; DeepSpeed 0.19), checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def load_resharded_optimizer(engine: Any, tag_dir: Any, cfg: ModelConfig, ep_siz
     )
 
     opt = engine.optimizer
+    layout = ("bit16_groups", "param_names", "single_partition_of_fp32_groups", "round_robin_bit16_padding")
+    if not all(hasattr(opt, name) for name in layout):
+        raise TrainError(f"--resume: resharding {tag_dir} needs DeepSpeed's ZeRO-1/2 optimizer with "
+                         f"{', '.join(layout)}; this DeepSpeed's {type(opt).__name__} lacks some: resume with the "
+                         "checkpoint's world size and --ep_size")
     parts = OptimizerPartitions(open_checkpoint(tag_dir, config=cfg))
     saved = parts.ranks[0]  # the step and hyperparameters, the same in every rank's file
     old_groups = saved[BASE_OPTIMIZER_STATE]["param_groups"]

@@ -237,9 +237,11 @@ def compiled_decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     mode "reduce-overhead" (CUDA graphs: a step is one graph replay, no per-op launch cost), elsewhere the
     backend GPTOSS_COMPILE_BACKEND names (inductor by default). The MoE gathers its chosen experts' weights
     (`MoEFeedForward.decode`); the weights and caches it reads keep their addresses (`static_caches`)."""
+    from gptoss.model.options import COMPILE_BACKEND_ENV
+
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
-        backend = os.environ.get("GPTOSS_COMPILE_BACKEND", "inductor")
+        backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
         cuda = next(model.parameters()).is_cuda
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         step = torch.compile(model.decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)

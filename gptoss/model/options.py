@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from gptoss.model.kernels.attention import ATTENTION_IMPLS
 from gptoss.model.kernels.head_loss import LOSS_IMPLS
 
+COMPILE_BACKEND_ENV = "GPTOSS_COMPILE_BACKEND"  # the torch.compile backend; tests pick a cheaper one than inductor
+
 
 @dataclass(frozen=True)
 class ModelOptions:

@@ -11,14 +11,13 @@ import torch
 
 from gptoss.train.plan import Plan
 
-COMPILE_BACKEND_ENV = "GPTOSS_COMPILE_BACKEND"  # tests pick a cheaper backend (aot_eager) than inductor
-
 
 def build_engine(plan: Plan) -> Any:
     """Model from the seed, then DeepSpeed's engine with our parameter groups (no decay on norms etc.)."""
     import deepspeed
 
     from gptoss.model import ModelOptions, build_model, param_groups
+    from gptoss.model.options import COMPILE_BACKEND_ENV
 
     a = plan.args
     options = ModelOptions(attention=a.attn_impl, loss=a.loss_impl, activation_checkpointing=a.activation_checkpointing,

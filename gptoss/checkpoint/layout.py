@@ -30,7 +30,7 @@ from typing import Any
 from gptoss.config import ConfigError, read_json_object
 from gptoss.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a data vocabulary's embedding and head hold `ModelConfig.embedding_rows` (pad rows)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"

@@ -31,7 +31,6 @@ from gptoss.checkpoint.manifest import check_checkpoint
 from gptoss.config import ConfigError, ModelConfig, get_config
 from gptoss.errors import CheckpointError
 from gptoss.model import build_model
-from gptoss.model.head import refuse_unpadded_rows
 from gptoss.model.moe import EXPERT_KEY, EXPERT_PARAMS, expert_key
 
 # ---- locating the checkpoint and its config --------------------------------------------------------------
@@ -142,7 +141,6 @@ def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
     # DeepSpeed keeps experts out of "module" for MoE models; any copy there would carry local ids. The module
     # weights are checked with master_weights too: a config that does not match them must not slip through.
     dense = {k: v for k, v in ckpt.states["module"].items() if not EXPERT_KEY.match(k)}
-    refuse_unpadded_rows(dense, cfg, str(ckpt.tag_dir / MODEL_STATES))
     check_shapes(dense, {k: v for k, v in expected.items() if not EXPERT_KEY.match(k)},
                  str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
     tick()

@@ -71,7 +71,6 @@ class GPT2(nn.Module):
         self.config, self.options = cfg, options
         # With a data vocabulary the tied tail row is both the shared input row and the tail output row.
         self.head = VocabHead(cfg, options.loss)
-        self.register_load_state_dict_pre_hook(self.head.check_rows)
         self.wte = nn.Embedding(cfg.embedding_rows, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, options.activation_checkpointing) for _ in range(cfg.num_hidden_layers))

@@ -85,7 +85,6 @@ class GptOss(nn.Module):
         super().__init__()
         self.config, self.options = cfg, options
         self.head = VocabHead(cfg, options.loss)
-        self.register_load_state_dict_pre_hook(self.head.check_rows)
         self.embed_tokens = nn.Embedding(cfg.embedding_rows, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, ep_size, options) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

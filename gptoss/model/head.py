@@ -16,33 +16,16 @@ one, the head is the identity on ids. The head holds no parameters: state dicts 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gptoss.config import ModelConfig
-from gptoss.errors import CheckpointError
 from gptoss.model.kernels.head_loss import IGNORE_INDEX, loss_kernel
 
 # State-dict keys holding one row per token id (GPT-OSS, GPT-2).
 VOCAB_KEYS = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
-
-
-def refuse_unpadded_rows(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
-    """One line for a data-vocabulary state dict of exactly |S| + 1 rows where `cfg.embedding_rows` has pad rows
-    too (weights saved before the padding), instead of a shape mismatch that blames the config."""
-    if cfg.kept_ids is None or cfg.embedding_rows == cfg.trained_vocab_size:
-        return
-    for key in VOCAB_KEYS:
-        if key in state and state[key].shape[0] == cfg.trained_vocab_size:
-            raise CheckpointError(
-                f"{where}: {key} has {cfg.trained_vocab_size} rows ({len(cfg.kept_ids)} kept ids + the tail), but a "
-                f"data vocabulary's weights hold {cfg.embedding_rows}, padded to a multiple of 64: saved by a gptoss "
-                "without that padding; export it with that version (an export holds the full vocabulary and loads "
-                "here) or start a new run")
 
 
 class VocabHead(nn.Module):
@@ -62,11 +45,6 @@ class VocabHead(nn.Module):
             self.log_tail_size = math.log(cfg.vocab_size - len(cfg.kept_ids))  # ln N
         self.register_buffer("compact", compact, persistent=False)  # follows from the config: not saved
         self.register_buffer("kept", kept, persistent=False)
-
-    def check_rows(self, model: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: Any) -> None:
-        """The model's load_state_dict pre-hook (DeepSpeed's --resume too): `refuse_unpadded_rows`."""
-        refuse_unpadded_rows({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
-                             model.config, "the weights loaded")
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.compact is None else self.compact[ids]

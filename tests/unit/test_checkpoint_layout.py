@@ -63,14 +63,14 @@ def test_latest_is_read_and_written_in_one_place(tmp_path):
 def test_train_state_of_another_format_or_without_its_keys_is_refused(tmp_path):
     save(tmp_path, 1, None)
     tag_dir = tmp_path / "step00000001"
-    assert read_train_state(tag_dir)["format_version"] == 1
+    assert read_train_state(tag_dir)["format_version"] == 2
     path = tag_dir / "train_state.json"
     state = json.loads(path.read_text())
-    for version in (0, None, "1"):
+    for version in (1, None, "2"):  # 1: a data vocabulary's head without its pad rows
         path.write_text(json.dumps({**state, "format_version": version}))
         with pytest.raises(CheckpointError) as e:
             read_train_state(tag_dir)
-        assert str(e.value) == f"{path}: format_version {version}, this gptoss reads format_version 1"
+        assert str(e.value) == f"{path}: format_version {version}, this gptoss reads format_version 2"
     path.write_text(json.dumps({k: v for k, v in state.items() if k != "parent"}))
     with pytest.raises(CheckpointError, match="train_state.json: no parent"):
         read_train_state(tag_dir)

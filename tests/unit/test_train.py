@@ -152,8 +152,8 @@ def test_resume_refuses_other_model_batch_or_seq_len(capsys, monkeypatch, run, t
 
 
 def test_other_format_versions_are_refused_in_one_line(capsys, monkeypatch, run, tiny_data, tmp_path):
-    """meta.json and train_state.json carry format_version 1; another number, or none, names the file, the version
-    found and the one expected."""
+    """meta.json carries format_version 1, train_state.json 2 (1 held a data vocabulary's head without pad rows);
+    another number, or none, names the file, the version found and the one expected."""
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
     meta = json.loads((data / "meta.json").read_text())
     for version in (0, None):
@@ -162,9 +162,9 @@ def test_other_format_versions_are_refused_in_one_line(capsys, monkeypatch, run,
         assert f"{data / 'meta.json'}: format_version {version}, this gptoss reads format_version 1" in line
     out = Path(shutil.copytree(run, tmp_path / "run"))
     state_file = out / "checkpoints" / "step00000008" / "train_state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format_version": 2}))
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "format_version": 1}))
     line = call_main(capsys, monkeypatch, tiny_data, out, resume=True)
-    assert line == f"train.py: error: {state_file}: format_version 2, this gptoss reads format_version 1"
+    assert line == f"train.py: error: {state_file}: format_version 1, this gptoss reads format_version 2"
 
 
 def test_resume_keeps_story_awareness(capsys, monkeypatch, run, tiny_data):

@@ -28,7 +28,7 @@ _LAYOUT_KEYS = ("params", "name", "moe")  # describe the new engine's groups: ne
 
 
 def _new_partition(opt: Any, parts: OptimizerPartitions, group: int, key: str, ep_rank: int,
-                   local_experts: int) -> torch.Tensor:
+                   local_experts: int, bar: Any) -> torch.Tensor:
     """This rank's flat partition of parameter group `group` for state `key`, filled parameter by parameter."""
     flat = torch.zeros_like(opt.single_partition_of_fp32_groups[group], device="cpu")
     for lp in opt.bit16_groups[group]:
@@ -39,6 +39,7 @@ def _new_partition(opt: Any, parts: OptimizerPartitions, group: int, key: str, e
         numel = frag.lp_fragment_address.numel
         flat.narrow(0, frag.hp_fragment_address.start, numel).copy_(
             full.narrow(0, frag.lp_fragment_address.start, numel))
+    bar.update()
     return flat
 
 
@@ -57,7 +58,11 @@ def load_resharded_optimizer(engine: Any, tag_dir: Any, cfg: ModelConfig, ep_siz
         raise TrainError(f"--resume: resharding {tag_dir} needs DeepSpeed's ZeRO-1/2 optimizer with "
                          f"{', '.join(layout)}; this DeepSpeed's {type(opt).__name__} lacks some: resume with the "
                          "checkpoint's world size and --ep_size")
-    parts = OptimizerPartitions(open_checkpoint(tag_dir, config=cfg))
+    from tqdm.auto import tqdm
+
+    old_files = open_checkpoint(tag_dir, config=cfg)
+    bar = tqdm(desc=f"reshard {tag_dir.name}", unit="part", disable=rank != 0, dynamic_ncols=True)
+    parts = OptimizerPartitions(old_files, tick=bar.update)  # one tick per old rank's file
     saved = parts.ranks[0]  # the step and hyperparameters, the same in every rank's file
     old_groups = saved[BASE_OPTIMIZER_STATE]["param_groups"]
     base = opt.optimizer.state_dict()
@@ -68,17 +73,23 @@ def load_resharded_optimizer(engine: Any, tag_dir: Any, cfg: ModelConfig, ep_siz
                          f"{[(g.get('moe', False), g.get('weight_decay')) for g in old_groups]}, this run "
                          f"{[(g.get('moe', False), g.get('weight_decay')) for g in base['param_groups']]}")
     ep_rank, local_experts = rank % ep_size, cfg.num_local_experts // max(ep_size, 1)
+    old_state = saved[BASE_OPTIMIZER_STATE]["state"]
+
+    def partitioned(g: int, v: Any) -> bool:  # laid out like the (unpadded) fp32 partition, unlike e.g. a step
+        return torch.is_tensor(v) and v.dim() == 1 and v.numel() >= saved[SINGLE_PARTITION_OF_FP32_GROUPS][g].numel()
+
+    bar.total = parts.world + sum(1 + sum(partitioned(g, v) for v in old_state.get(g, {}).values())
+                                  for g in range(len(old_groups)))
     state, fp32 = {}, []
     for g, group in enumerate(old_groups):
-        old_state = saved[BASE_OPTIMIZER_STATE]["state"].get(g, {})
-        partition_len = saved[SINGLE_PARTITION_OF_FP32_GROUPS][g].numel()  # unpadded: compare state lengths
-        state[g] = {k: (_new_partition(opt, parts, g, k, ep_rank, local_experts)
-                        if torch.is_tensor(v) and v.dim() == 1 and v.numel() >= partition_len else copy.deepcopy(v))
-                    for k, v in old_state.items()}
-        fp32.append(_new_partition(opt, parts, g, FP32, ep_rank, local_experts))
+        state[g] = {k: (_new_partition(opt, parts, g, k, ep_rank, local_experts, bar)
+                        if partitioned(g, v) else copy.deepcopy(v))
+                    for k, v in old_state.get(g, {}).items()}
+        fp32.append(_new_partition(opt, parts, g, FP32, ep_rank, local_experts, bar))
         base["param_groups"][g].update({k: v for k, v in group.items() if k not in _LAYOUT_KEYS})
     sd = {**{k: v for k, v in saved.items() if k not in (BASE_OPTIMIZER_STATE, SINGLE_PARTITION_OF_FP32_GROUPS)},
           BASE_OPTIMIZER_STATE: {"state": state, "param_groups": base["param_groups"]},
           SINGLE_PARTITION_OF_FP32_GROUPS: fp32, PARAM_ALIGNMENT_PADDINGS: opt.round_robin_bit16_padding}
     # DeepSpeed's loader reads the entry of this rank's data-parallel index: the same dict everywhere.
+    bar.close()
     opt.load_state_dict([sd] * engine.dp_world_size, load_optimizer_states=True, load_from_fp32_weights=True)

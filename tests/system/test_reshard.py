@@ -8,6 +8,7 @@ weights and Adam moments must equal the saved ones element for element (tests/sy
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def test_resume_at_another_layout_follows_the_uninterrupted_run(runs, tiny_data,
     log = run(TRAIN, tiny_data, out, nproc, ep, zero, "--resume")
     old = (2, 2) if source in ("A", "Z1") else (1, 1)
     assert f"resharding step{SAVED:08d}: world {old[0]} ep {old[1]} -> world {nproc} ep {ep}" in log
+    assert re.search(rf"reshard step{SAVED:08d}: 100%\|[^|]*\| (\d+)/\1 ", log), log[-2000:]  # its bar ran to the end
     # W1 follows A too (the data stream and the batch are global); bf16 rounds each world's sums differently.
     assert_follows(runs["Z1"] if zero == 1 else runs["A"], out, 1e-2 if zero == 1 else 1e-5)
     state = json.loads((out / "checkpoints" / f"step{STEPS:08d}" / "train_state.json").read_text())

@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+# Pinned like torch: resharding a resume reads DeepSpeed's ZeRO-1/2 optimizer layout (gptoss/train/reshard.py), so a
+# new DeepSpeed is a decision (run `make test` with DEEPSPEED_SPEC=deepspeed==X), not a surprise on a fresh machine.
+DEEPSPEED_SPEC=${DEEPSPEED_SPEC:-deepspeed==0.19.8}
 stamp="$VENV/.gptoss-setup"
 want_slurm=0
 [[ "${1:-}" == "--slurm" ]] && want_slurm=1
@@ -53,9 +56,9 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" || scripts/setup.sh -nt "$sta
     fi
   fi
   if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
-    log "installing deepspeed (no build isolation, no ops built: no CUDA toolkit needed)"
+    log "installing $DEEPSPEED_SPEC (no build isolation, no ops built: no CUDA toolkit needed)"
     env "${DEEPSPEED_INSTALL_ENV[@]}" "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      --no-build-isolation deepspeed
+      --no-build-isolation "$DEEPSPEED_SPEC"
   fi
   log "installing gptoss (editable) with test extras"
   pipq --no-build-isolation -e ".[test]"

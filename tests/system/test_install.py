@@ -71,7 +71,7 @@ def test_deepspeed_installs_on_a_gpu_machine_without_cuda_toolkit(deepspeed_sdis
 def test_setup_installs_deepspeed_with_that_environment() -> None:
     assert deepspeed_install_env() == {"DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
     command = " ".join(SETUP_SH.read_text().split("\\\n"))  # continuation lines joined
-    install = [line for line in command.splitlines() if "--no-build-isolation deepspeed" in line]
+    install = [line for line in command.splitlines() if '--no-build-isolation "$DEEPSPEED_SPEC"' in line]
     assert len(install) == 1 and 'env "${DEEPSPEED_INSTALL_ENV[@]}"' in install[0]
 
 

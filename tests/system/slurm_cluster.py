@@ -233,7 +233,9 @@ MinJobAge=3600
 SlurmdTimeout=60
 SlurmctldTimeout=60
 InactiveLimit=0
-KillWait=10
+# Slurm's default: how long ranks caught by a TERM (preemption, requeue) have to save before the KILL; a loaded
+# 2-core runner needs more than 10 s for two ranks to write a checkpoint.
+KillWait=30
 # config_overrides: the CPUs below count even if the machine has fewer (a 2-rank job on a 1-core runner).
 SlurmdParameters=config_overrides
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN

@@ -156,7 +156,8 @@ def test_requeue_with_fewer_tasks_resumes_resharded(slurm: SlurmCluster, data_di
         info = slurm.job(job)
         return info is not None and info.state == "PENDING" and "held" in info.fields.get("Reason", "").lower()
 
-    while not held():
+    # Held comes as soon as the batch script ends; the ranks may still be writing their checkpoint.
+    while not (held() and (out / "checkpoints" / "latest").is_file()):
         assert time.monotonic() < deadline, f"{slurm.job(job)}\n{explain(slurm, job, log)}"
         time.sleep(0.5)
     first = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()

@@ -23,7 +23,9 @@ from gptoss.generate import sample_text
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="export dir, or run / checkpoints / checkpoint-tag dir")
-    p.add_argument("--prompt", default="A little girl went to the woods",
+    # TinyStories' own opening (and that of half the synthetic stories): a prompt from outside the training stories
+    # makes a small model stop at once or continue mid-story.
+    p.add_argument("--prompt", default="Once upon a time",
                    help="text the story starts with (default: %(default)r)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8,

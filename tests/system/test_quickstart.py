@@ -2,7 +2,7 @@
 
     quickstart  the commands of `make quickstart` (read from the Makefile with `make -n`): generate synthetic
                 stories, train the tiny preset (data vocabulary), sample a story from the run dir; only the
-                data and run dirs are moved into tmp_path, every 10th step is logged and three stories are
+                data and run dirs are moved into tmp_path, every 10th step is logged and 16 stories are
                 sampled with fixed seeds; its val bits per byte must be far below the corpus's unigram
                 entropy, and most stories must read as one
     wandb       `--wandb` with WANDB_MODE=offline: the run finishes, the offline run files are written into the
@@ -60,9 +60,10 @@ def test_quickstart_trains_the_tiny_preset_and_samples_a_story(tmp_path):
     assert train[train.index("--model") + 1] == "tiny" and "--wandb" not in train
     steps = int(train[train.index("--max_steps") + 1])  # as the Makefile says: the test is the quickstart
     train += ["--log_every", "10"]  # the Makefile logs every 10 steps too; said here so the trend is measurable
-    # The Makefile draws a fresh seed; fixed ones keep the test reproducible. Three stories, batched: a tiny model
-    # sampled at temperature 1 may slip in one (a lowercase word after a full stop), not in most.
-    sample += ["--seed", "0", "--num_samples", "3"]
+    # The Makefile draws a fresh seed; fixed ones keep the test reproducible. A tiny model sampled at temperature
+    # 0.8 slips now and then (about 1 story in 10 here); 16 stories, batched, judge the model rather than one draw,
+    # so that a machine whose kernels round differently (and so trains another model) passes as well.
+    sample += ["--seed", "0", "--num_samples", str(STORIES)]
     # The Makefile's environment without a GPU (all cores); the datasets cache stays out of the home directory.
     env = cpu_env(TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf-cache"))
     env.pop("OMP_NUM_THREADS")
@@ -90,22 +91,28 @@ def test_quickstart_trains_the_tiny_preset_and_samples_a_story(tmp_path):
     proc = run_cmd(sample)
     prompt = sample_default_prompt()
     stories = proc.stdout.strip().split("\n\n---\n\n")
-    assert len(stories) == 3 and all(story.startswith(prompt) for story in stories), proc.stdout[:1500]
+    assert len(stories) == STORIES and all(story.startswith(prompt) for story in stories), proc.stdout[:1500]
     known = {w for s in generate_corpus(2000, seed=0) for w in re.findall(r"[A-Za-z']+", s.text)}
     verdicts = [why_not_a_story(story[len(prompt):], known) for story in stories]
-    assert sum(v is None for v in verdicts) >= 2, list(zip(verdicts, stories))
+    assert sum(v is None for v in verdicts) >= 10, list(zip(verdicts, stories))
+
+
+STORIES = 16  # sampled by the quickstart test; at least 10 must read as stories
 
 
 def why_not_a_story(told: str, known: set[str]) -> str | None:
     """None if the text after the prompt reads as a story: over 100 characters, several sentences, a new one begun
     with a capital (lowercase only for a dialogue tag after a closing quote: '"Do you want to play?" he asked.'),
-    balanced quotes, in the words of the stories it learned from; else what is wrong."""
+    balanced quotes up to the last full sentence (--max_new_tokens may cut one short), in the words of the stories
+    it learned from; else what is wrong."""
     words = re.findall(r"[A-Za-z']+", told)
+    ends = list(re.finditer(r'[.!?]"?(?=\s|$)', told))
+    whole = told[:ends[-1].end()] if ends else told
     checks = {
         "shorter than 100 characters": len(told.strip()) > 100,
         "fewer than 3 sentences": len(re.findall(r'[.!?]"?(?=\s|$)', told)) >= 3,
         "a sentence begun in lowercase": re.search(r"[.!?]\s+[a-z]", told) is None,
-        "unbalanced quotes": told.count('"') % 2 == 0,
+        "unbalanced quotes": whole.count('"') % 2 == 0,
         "words the stories never use": sum(w in known for w in words) >= 0.95 * len(words),
     }
     return next((what for what, ok in checks.items() if not ok), None)

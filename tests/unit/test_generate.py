@@ -341,7 +341,7 @@ def test_full_vocab_export_carries_the_harmony_ids(full_vocab_export):
 
 
 def test_cli_prints_a_story_from_an_export(full_vocab_export):
-    prompt_text = "A little girl went to the woods"  # the default prompt: leaving --prompt out gives the same
+    prompt_text = "Once upon a time"  # the default prompt: leaving --prompt out gives the same
     proc = run_cli(str(full_vocab_export), "--max_new_tokens", "12", "--seed", "0",
                    "--num_samples", "2", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,8 +18,9 @@ weight matmuls (addmm, mm, bmm, ...), of every other aten op, and how many ops t
 aten ops, each paying the dispatcher); the profiler's own cost inflates both times a little. --compile adds our
 step under torch.compile (`generate_batch(compile=True)`, backend GPTOSS_COMPILE_BACKEND, default inductor).
 --steps times greedy decode steps alone in one process, round-robin: `forward` with caches at T = 1 (the
-general path, which the prompt pass still takes), `decode_step`, and the step's weight matmuls by themselves
-(the memory-bound floor: every active weight read once).
+general path, which the prompt pass still takes), `decode_step`, the step's weight matmuls by themselves (every
+active weight read once), and one matmul over a matrix of the same bytes (how fast this core streams them at
+best: the memory-bound floor of any step, ours or transformers').
 """
 
 from __future__ import annotations
@@ -92,20 +93,33 @@ def step_times(model: torch.nn.Module, prompts: torch.Tensor, n: int, repeats: i
                       model.decode_step(nxt, caches, position))
             position += 1
 
+    x, h = torch.randn(B, model.config.hidden_size), torch.randn(B, model.config.intermediate_size)
+    reads = []  # (bias, input, weight [in, out]) of every weight matmul of a step, the chosen experts' included
+    for block in model.layers:
+        w_qkv, b_qkv, w_o, b_o, _ = block.self_attn.decode_weights
+        w_r, b_r, _ = block.mlp.decode_weights
+        reads += [(b_qkv, x, w_qkv), (b_o, x, w_o), (b_r, x, w_r)]
+        for e in block.mlp.local_experts[:block.mlp.top_k]:
+            reads += [(e.gate_up_proj_bias, x, e.gate_up_proj), (e.down_proj_bias, h, e.down_proj)]
+    reads.append((torch.zeros(model.decode_lm_head.shape[1]), x, model.decode_lm_head))
+    # The same bytes as one matrix: what this core streams at best through one matmul, the step's floor.
+    total = sum(w.numel() for _, _, w in reads)
+    one = torch.randn(model.config.hidden_size, total // model.config.hidden_size)
+
     @torch.no_grad()
     def matmuls() -> None:
-        x, h = torch.randn(B, model.config.hidden_size), torch.randn(B, model.config.intermediate_size)
         for _ in range(n):
-            for block in model.layers:
-                w_qkv, b_qkv, w_o, b_o, _ = block.self_attn.decode_weights
-                w_r, b_r, _ = block.mlp.decode_weights
-                torch.addmm(b_qkv, x, w_qkv), torch.addmm(b_o, x, w_o), torch.addmm(b_r, x, w_r)
-                for e in block.mlp.local_experts[:block.mlp.top_k]:
-                    torch.addmm(e.gate_up_proj_bias, x, e.gate_up_proj), torch.addmm(e.down_proj_bias, h, e.down_proj)
-            torch.nn.functional.linear(x, model.decode_lm_head.t())
+            for bias, inp, w in reads:
+                torch.addmm(bias, inp, w)
+
+    @torch.no_grad()
+    def streamed() -> None:
+        for _ in range(n):
+            x @ one
 
     timings = common.interleaved_best({"forward with caches, T = 1": lambda: steps(True),
-                                       "decode_step": lambda: steps(False), "its weight matmuls alone": matmuls},
+                                       "decode_step": lambda: steps(False), "its weight matmuls alone": matmuls,
+                                       f"its {4 * total / 1e6:.1f} MB of weights as one matmul": streamed},
                                       repeats)
     return {label: 1000 * t.best / n for label, t in timings.items()}
 

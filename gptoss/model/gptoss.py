@@ -32,13 +32,6 @@ from gptoss.model.moe import init_experts, moe_layer
 from gptoss.model.options import DEFAULT_OPTIONS, ModelOptions
 
 
-def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` as one op where both are fp32 (torch.rms_norm: the same ops in the same order, bit-identical)."""
-    if x.dtype == norm.weight.dtype == torch.float32:
-        return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
-    return norm(x)
-
-
 @dataclass
 class ModelOutput:
     """What a forward pass returns. With targets, logits are not materialised (chunked loss)."""
@@ -139,10 +132,9 @@ class GptOss(nn.Module):
             slot = cache.advance(position)
             if (cache.capacity, attn.window) not in kinds:
                 kinds[cache.capacity, attn.window] = decode_bias(cache.pos, position, attn.window)
-            x = x + attn.decode(rms_norm(block.input_layernorm, x), cos, sin, cache, slot,
-                                kinds[cache.capacity, attn.window])
-            x = x + block.mlp.decode(rms_norm(block.post_attention_layernorm, x))
-        return self.head.logits(rms_norm(self.norm, x), self.decode_lm_head.t())
+            x = x + attn.decode(block.input_layernorm(x), cos, sin, cache, slot, kinds[cache.capacity, attn.window])
+            x = x + block.mlp.decode(block.post_attention_layernorm(x))
+        return self.head.logits(self.norm(x), self.decode_lm_head.t())
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 caches: list[KVCache] | None = None, start_pos: int = 0, *, eot_id: int | None = None) -> ModelOutput:

@@ -128,10 +128,14 @@ class MoEFeedForward(nn.Module):
         return self.ep_rank * self.num_local_experts
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (N, E), chosen experts (N, k), their weights (N, k): top-k first, then softmax."""
+        """Router logits (N, E), chosen experts (N, k), their weights (N, k)."""
         logits = self.router(x)
+        return logits, *self.choose(logits, x.dtype)
+
+    def choose(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen experts (N, k) and their weights (N, k) from router logits: top-k first, then softmax."""
         top_logits, top_idx = torch.topk(logits, self.top_k, dim=-1, sorted=True)
-        return logits, top_idx, torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        return top_idx, torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(dtype)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
@@ -163,8 +167,7 @@ class MoEFeedForward(nn.Module):
         if self.ep_size != 1:
             raise RuntimeError("decoding runs with ep_size 1 (load the model with gptoss.generate.load_model)")
         w_router, b_router, stacked = self.decode_weights
-        top_logits, top_idx = torch.topk(torch.addmm(b_router, x, w_router), self.top_k, dim=-1, sorted=True)
-        weights = torch.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)  # (N, k)
+        top_idx, weights = self.choose(torch.addmm(b_router, x, w_router), x.dtype)  # (N, k) each
         if torch.compiler.is_compiling():
             if stacked is None:
                 raise RuntimeError("compiled decoding needs prepare_decode(stacked=True)")

@@ -239,14 +239,13 @@ def compiled_decode_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     (`MoEFeedForward.decode`); the weights and caches it reads keep their addresses (`static_caches`)."""
     from gptoss.model.options import COMPILE_BACKEND_ENV
 
-    step = model.__dict__.get("_compiled_decode_step")
+    step, cuda = model.__dict__.get("_compiled_decode_step"), next(model.parameters()).is_cuda
     if step is None:
         backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
-        cuda = next(model.parameters()).is_cuda
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         step = torch.compile(model.decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         model.__dict__["_compiled_decode_step"] = step
-    if next(model.parameters()).is_cuda:  # derived weights are no parameters: say they stay put
+    if cuda:  # derived weights are no parameters: say they stay put
         for t in _derived_weights(model):
             torch._dynamo.mark_static_address(t)
     return step

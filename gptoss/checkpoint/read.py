@@ -145,7 +145,7 @@ def iter_state_chunks(ckpt: Checkpoint, master_weights: bool = False,
                  str(ckpt.tag_dir / MODEL_STATES), ckpt.config_source)
     tick()
     if master_weights:
-        yield _master_weights(ckpt, expected, tick)
+        yield _master_weights(ckpt, tick)
         return
     yield dense
     for moe_layer, layer in enumerate(sorted(per_layer)):  # every file is there: the manifest was checked
@@ -236,13 +236,6 @@ class OptimizerPartitions:
             raise CheckpointError(f"{tag_dir}: optimizer states hold {unknown[0]!r}, which the model of "
                                   f"{ckpt.config_source} does not have: the config does not match the weights")
 
-    @property
-    def ep_size(self) -> int:
-        """The expert-parallel size the checkpoint was written with (1 for a dense model)."""
-        osd = self.ranks[0]
-        moe = [g for g, group in enumerate(osd["base_optimizer_state"]["param_groups"]) if group.get("moe", False)]
-        return self.world // int(osd["partition_count"][moe[0]]) if moe else 1
-
     def _flat(self, rank: int, group: int, key: str) -> torch.Tensor:
         osd = self.ranks[rank]
         if key == FP32:
@@ -268,10 +261,10 @@ class OptimizerPartitions:
         return flat.view(shape)
 
 
-def _master_weights(ckpt: Checkpoint, expected: dict[str, torch.Size], tick: Callable[[], object]
-                    ) -> dict[str, torch.Tensor]:
+def _master_weights(ckpt: Checkpoint, tick: Callable[[], object]) -> dict[str, torch.Tensor]:
     """The fp32 master weights, reassembled from every rank's flat optimizer partitions."""
     parts = OptimizerPartitions(ckpt, tick)
+    expected = parts.expected
     out = {name: parts.full(name).clone() for name in parts.index}
     if ckpt.config.tie_word_embeddings:  # one parameter, one optimizer entry: its other name is not listed
         for a, b in (("lm_head.weight", "wte.weight"), ("lm_head.weight", "embed_tokens.weight")):

@@ -87,10 +87,10 @@ def decide_resume(plan: Plan) -> Resume | None:
                          "the same train_batch_size, --seq_len and --attend_across_stories (they set the LR "
                          "schedule and the data stream)")
     saved = (state["world_size"], state["ep_size"])
-    if saved != (plan.world_size, plan.ep_size):
+    moved = saved != (plan.world_size, plan.ep_size)
+    if moved:
         log.info("resharding %s: world %d ep %d -> world %d ep %d", tag, *saved, plan.world_size, plan.ep_size)
-        return Resume(tag, repoint_latest=a.resume_from is not None, saved_layout=saved)
-    return Resume(tag, repoint_latest=a.resume_from is not None)
+    return Resume(tag, repoint_latest=a.resume_from is not None, saved_layout=saved if moved else None)
 
 
 def _check_same_vocabulary(tag: str, saved: list[int] | None, mine: list[int] | None) -> None:
